@@ -1,0 +1,290 @@
+"""The local cache: hash-named data files, the catalog, and which blocks are present.
+
+A cached object is (bucket, key, ETag): bytes cached under one ETag are never served for another.
+The data file holds the object's bytes at their own offsets and is named by a hash of
+(origin, bucket, key, ETag), never by the key's text. Nothing is scanned at mount time: rows are
+checked against their data file when first used, and stray files are swept in the background.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import trio
+
+from ..store import ObjectInfo
+from .catalog import Catalog, Row
+from .ranges import RangeSet
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 64 * 1024
+SYNC_INTERVAL = 1.0
+
+
+def data_name(*parts: str) -> str:
+    h = hashlib.blake2b("\0".join(parts).encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
+    return f"data/{h[:2]}/{h}"
+
+
+class Fetch:
+    """One GET in flight, covering blocks [start, end) of one object."""
+
+    __slots__ = ("start", "end", "done", "error")
+
+    def __init__(self, start: int, end: int):
+        self.start, self.end = start, end
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class CachedObject:
+    """One (bucket, key, ETag) in the cache.
+
+    Owns: the data file's descriptor, the blocks present (``present``, served at once), the blocks
+    fetched but not yet fsync'ed (``unsynced``), and the fetches in flight (``inflight``, block ->
+    Fetch). Invariant: a block is in ``present`` only once its bytes are in the data file, and it
+    reaches the catalog only after an fsync. ``changed`` is replaced and set whenever blocks
+    arrive or a fetch ends, waking every reader waiting on this object.
+    """
+
+    def __init__(self, row: Row, path: Path):
+        self.row = row
+        self.path = path
+        self.present = RangeSet.from_bytes(row.ranges)
+        self.unsynced = False
+        self.inflight: dict[int, Fetch] = {}
+        self.changed = trio.Event()
+        self.fd: int | None = None
+        self.opens = 0
+        self.current = True  # False once a newer version replaced it in the cache
+        self.verifying = False
+        self.syncing = False
+        self.last_access = row.last_access
+
+    bucket = property(lambda self: self.row.bucket)
+    key = property(lambda self: self.row.key)
+    etag = property(lambda self: self.row.etag)
+    size = property(lambda self: self.row.size)
+
+    @property
+    def nblocks(self) -> int:
+        return (self.row.size + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+    @property
+    def complete(self) -> bool:
+        return self.present.covers(0, self.nblocks)
+
+    def mark(self, start: int, end: int) -> None:
+        """Blocks [start, end) are now in the data file."""
+        self.present.add(start, end)
+        self.unsynced = True
+        self.wake()
+
+    def wake(self) -> None:
+        ev, self.changed = self.changed, trio.Event()
+        ev.set()
+
+    def drop_all(self) -> None:
+        """Forget every present block (bad checksum): they will be fetched again."""
+        self.present.clear()
+        self.row.verified = False
+        self.unsynced = True
+        self.wake()
+
+    def idle(self) -> bool:
+        return (self.opens == 0 and not self.inflight and not self.unsynced and not self.verifying
+                and not self.syncing)
+
+
+class Cache:
+    """The cache directory: catalog, data files, and the objects in use."""
+
+    def __init__(self, cache_dir: Path, origin: str, file_mode: int = 0o600):
+        self.dir = cache_dir
+        self.origin = origin
+        self.file_mode = file_mode
+        for d in (cache_dir, cache_dir / "data"):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.catalog = Catalog(cache_dir / "catalog.sqlite3", file_mode)
+        self._objects: dict[tuple[str, str], CachedObject] = {}
+        self._retired: set[CachedObject] = set()  # replaced versions still open or syncing
+
+    # ------------------------------------------------------------ objects
+    def current(self, bucket: str, key: str) -> CachedObject | None:
+        return self._objects.get((bucket, key))
+
+    def open_object(self, bucket: str, key: str, info: ObjectInfo) -> tuple[CachedObject, bool]:
+        """The cache entry for this version of the object, opened for reading.
+
+        Returns (object, same_version): ``same_version`` is False when the cache held another
+        ETag, whose bytes are now dropped (so the kernel's page cache must be dropped too)."""
+        obj = self._objects.get((bucket, key))
+        same = True
+        if obj is None:
+            row = self.catalog.get(self.origin, bucket, key)
+            if row is not None and row.etag == info.etag:
+                obj = CachedObject(row, self.dir / row.file)
+            else:
+                same = False
+                obj = self._new_version(bucket, key, info, row)
+        elif obj.etag != info.etag:
+            self._retire(obj)
+            obj = self._new_version(bucket, key, info, obj.row)
+            same = False
+        self._objects[(bucket, key)] = obj
+        if obj.fd is None:
+            self._open_file(obj)
+        obj.opens += 1
+        obj.last_access = time.time()
+        if info.from_head and obj.row.metadata != dict(info.metadata):
+            obj.row.metadata, obj.row.mtime_ns = dict(info.metadata), info.mtime_ns
+            self.catalog.set_metadata(obj.row.id, info.mtime_ns, obj.row.metadata)
+        return obj, same
+
+    def _new_version(self, bucket, key, info: ObjectInfo, old: Row | None) -> CachedObject:
+        row = Row(id=None, origin=self.origin, bucket=bucket, key=key, etag=info.etag,
+                  size=info.size, mtime_ns=info.mtime_ns,
+                  metadata=dict(info.metadata) if info.from_head else None,
+                  file=data_name(self.origin, bucket, key, info.etag), block_size=BLOCK_SIZE,
+                  last_access=time.time())
+        self.catalog.put(row)  # the row now names the new file; the old one is unreferenced
+        if old is not None and old.file != row.file:
+            log.info("s3://%s/%s changed (ETag %s -> %s): cached bytes dropped", bucket, key,
+                     old.etag, info.etag)
+            self._unlink(old.file)
+        return CachedObject(row, self.dir / row.file)
+
+    def _retire(self, obj: CachedObject) -> None:
+        obj.current = False
+        if obj.idle():
+            self._close_file(obj)
+        else:
+            self._retired.add(obj)
+
+    def _open_file(self, obj: CachedObject) -> None:
+        obj.path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(obj.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.file_mode)
+        st = os.fstat(fd)
+        if st.st_size != obj.size:
+            if len(obj.present):
+                log.warning("cache file for s3://%s/%s has the wrong size: refetching",
+                            obj.bucket, obj.key)
+                obj.present.clear()
+                obj.unsynced = True
+            os.ftruncate(fd, obj.size)
+        if st.st_mode & 0o777 != self.file_mode:
+            os.fchmod(fd, self.file_mode)
+        obj.fd = fd
+
+    def _close_file(self, obj: CachedObject) -> None:
+        if obj.fd is not None:
+            os.close(obj.fd)
+            obj.fd = None
+
+    def _unlink(self, rel: str) -> None:
+        try:
+            os.unlink(self.dir / rel)
+        except FileNotFoundError:
+            pass
+
+    def release(self, obj: CachedObject) -> None:
+        obj.opens -= 1
+        self.release_if_idle(obj)
+
+    def release_if_idle(self, obj: CachedObject) -> None:
+        if not obj.idle():
+            return
+        if obj.current:
+            if self._objects.get((obj.bucket, obj.key)) is obj:
+                del self._objects[(obj.bucket, obj.key)]
+                self.catalog.update_state([(obj.row.id, obj.present.to_bytes(), obj.complete,
+                                            obj.row.verified, obj.last_access)])
+        else:
+            self._retired.discard(obj)
+        self._close_file(obj)
+
+    def pread(self, obj: CachedObject, off: int, size: int) -> bytes:
+        return os.pread(obj.fd, size, off)
+
+    # ------------------------------------------------------------ durability
+    async def sync(self) -> None:
+        """fsync the data files with new blocks, then record those blocks in the catalog."""
+        objs = [o for o in list(self._objects.values()) + list(self._retired) if o.unsynced]
+        if not objs:
+            return
+        snaps = []
+        for o in objs:
+            snaps.append((o, o.present.copy(), o.complete, o.row.verified, o.last_access))
+            o.unsynced = False
+            o.syncing = True  # keep the descriptor open while the thread fsyncs it
+        try:
+            fds = [o.fd for o in objs]
+            await trio.to_thread.run_sync(_fsync_all, fds)
+            self.catalog.update_state([(o.row.id, r.to_bytes(), c, v, a)
+                                       for o, r, c, v, a in snaps if o.current])
+        except BaseException:
+            for o in objs:
+                o.unsynced = True
+            raise
+        finally:
+            for o in objs:
+                o.syncing = False
+                self.release_if_idle(o)
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Background: periodic sync, and a sweep of data files no row names."""
+        task_status.started()
+        async with trio.open_nursery() as n:
+            n.start_soon(self._sweep)
+            while True:
+                await trio.sleep(SYNC_INTERVAL)
+                try:
+                    await self.sync()
+                except OSError as e:
+                    log.error("syncing the cache failed: %s", e)
+
+    async def _sweep(self) -> None:
+        started = time.time()
+        known = self.catalog.all_files()
+        removed = await trio.to_thread.run_sync(_sweep_files, self.dir, known, started)
+        if removed:
+            log.info("removed %d cache files no catalog row named", removed)
+
+    async def close(self) -> None:
+        await self.sync()
+        for obj in list(self._objects.values()) + list(self._retired):
+            self._close_file(obj)
+        self.catalog.close()
+
+
+def _fsync_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                raise
+
+
+def _sweep_files(cache_dir: Path, known: set[str], before: float) -> int:
+    """Delete data files older than ``before`` that no catalog row names (a crash between
+    creating a file and recording it). Runs in a thread; only sees paths and a set of names."""
+    removed = 0
+    data = cache_dir / "data"
+    for sub in data.iterdir() if data.is_dir() else ():
+        if not sub.is_dir():
+            continue
+        for f in sub.iterdir():
+            rel = f"data/{sub.name}/{f.name}"
+            try:
+                if rel not in known and f.stat().st_mtime < before:
+                    f.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+    return removed

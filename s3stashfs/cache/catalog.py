@@ -1,0 +1,141 @@
+"""The SQLite catalog of cached objects.
+
+One row per (origin, bucket, key): the ETag whose bytes the data file holds, which blocks of it
+are durably present, and the bookkeeping (dirty, pinned, last access) later features need.
+Only the trio thread uses the connection. A row's ``ranges`` only ever lists blocks whose bytes
+were fsync'ed first, so a crash leaves the catalog claiming no more than the disk has.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS objects (
+    id INTEGER PRIMARY KEY,
+    origin TEXT NOT NULL,
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL DEFAULT 0,
+    metadata TEXT,
+    file TEXT NOT NULL,
+    block_size INTEGER NOT NULL,
+    ranges BLOB,
+    complete INTEGER NOT NULL DEFAULT 0,
+    verified INTEGER NOT NULL DEFAULT 0,
+    dirty INTEGER NOT NULL DEFAULT 0,
+    pinned INTEGER NOT NULL DEFAULT 0,
+    last_access REAL NOT NULL DEFAULT 0,
+    UNIQUE (origin, bucket, key)
+);
+CREATE INDEX IF NOT EXISTS objects_access ON objects (last_access);
+"""
+
+
+@dataclasses.dataclass
+class Row:
+    id: int | None
+    origin: str
+    bucket: str
+    key: str
+    etag: str
+    size: int
+    mtime_ns: int
+    metadata: dict | None
+    file: str
+    block_size: int
+    ranges: bytes | None = None
+    complete: bool = False
+    verified: bool = False
+    dirty: bool = False
+    pinned: bool = False
+    last_access: float = 0.0
+
+
+_COLS = [f.name for f in dataclasses.fields(Row)]
+
+
+class Catalog:
+    def __init__(self, path: Path, file_mode: int):
+        new = not path.exists()
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        if new:
+            os.chmod(path, file_mode)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise RuntimeError(f"cache catalog {path} is from a newer s3stashfs (schema {row[0]})")
+        for suffix in ("-wal", "-shm"):
+            side = Path(str(path) + suffix)
+            if side.exists():
+                os.chmod(side, file_mode)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @staticmethod
+    def _row(r) -> Row:
+        d = dict(zip(_COLS, r))
+        d["metadata"] = json.loads(d["metadata"]) if d["metadata"] else None
+        for b in ("complete", "verified", "dirty", "pinned"):
+            d[b] = bool(d[b])
+        return Row(**d)
+
+    def get(self, origin: str, bucket: str, key: str) -> Row | None:
+        r = self._db.execute(f"SELECT {','.join(_COLS)} FROM objects WHERE origin=? AND bucket=? AND key=?",
+                             (origin, bucket, key)).fetchone()
+        return self._row(r) if r else None
+
+    def put(self, row: Row) -> int:
+        """Insert or replace the row for (origin, bucket, key); returns its id."""
+        d = dataclasses.asdict(row)
+        d.pop("id")
+        d["metadata"] = json.dumps(d["metadata"]) if d["metadata"] is not None else None
+        cols = list(d)
+        cur = self._db.execute(
+            f"INSERT INTO objects ({','.join(cols)}) VALUES ({','.join('?' * len(cols))}) "
+            f"ON CONFLICT (origin, bucket, key) DO UPDATE SET "
+            + ",".join(f"{c}=excluded.{c}" for c in cols if c not in ("origin", "bucket", "key"))
+            + " RETURNING id", [d[c] for c in cols])
+        row.id = cur.fetchone()[0]
+        return row.id
+
+    def update_state(self, updates: list[tuple[int, bytes, bool, bool, float]]) -> None:
+        """(id, ranges, complete, verified, last_access) for many rows, in one transaction."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "UPDATE objects SET ranges=?, complete=?, verified=?, last_access=? WHERE id=?",
+                [(r, int(c), int(v), a, i) for i, r, c, v, a in updates])
+
+    def set_metadata(self, row_id: int, mtime_ns: int, metadata: dict) -> None:
+        self._db.execute("UPDATE objects SET mtime_ns=?, metadata=? WHERE id=?",
+                         (mtime_ns, json.dumps(metadata), row_id))
+
+    def delete(self, row_id: int) -> None:
+        self._db.execute("DELETE FROM objects WHERE id=?", (row_id,))
+
+    def known_metadata(self, origin: str, bucket: str, prefix: str) -> dict[str, tuple[str, int]]:
+        """key -> (etag, mtime_ns) for rows under ``prefix`` whose metadata came from a HEAD."""
+        hi = prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
+        rows = self._db.execute(
+            "SELECT key, etag, mtime_ns FROM objects WHERE origin=? AND bucket=? AND key>=? AND key<?"
+            " AND metadata IS NOT NULL", (origin, bucket, prefix, hi))
+        return {k: (e, m) for k, e, m in rows}
+
+    def all_files(self) -> set[str]:
+        return {f for (f,) in self._db.execute("SELECT file FROM objects")}

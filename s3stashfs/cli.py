@@ -1,0 +1,233 @@
+"""Command line: argument parsing, exit codes, and daemonising ``mount``.
+
+Exit codes: 0 success; 1 the operation failed (no FUSE, S3 refused, bucket missing, endpoint
+unreachable, mount died); 2 bad input (flags, settings, env file, mountpoint).
+Nothing else in the package reads ``sys.argv``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, MountError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+READY_TIMEOUT = 60.0
+UNMOUNT_TIMEOUT = 120.0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other bad input
+        self.print_usage(sys.stderr)
+        print(f"s3stashfs: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="s3stashfs", description=(
+        "Mount S3 as a local directory: MOUNTPOINT/<bucket>/<key> is an object. Objects are read "
+        "through a local cache checked against their ETag on every open."),
+        epilog="Settings also come from S3STASHFS_* environment variables and the env file "
+               "~/.s3stashfs.env (or $S3STASHFS_ENV); flags win over both. Credentials come from "
+               "boto3's usual chain (AWS_* variables, ~/.aws, instance roles). Exit status: 0 ok, "
+               "1 failed, 2 bad input.")
+    p.add_argument("--version", action="version", version=f"s3stashfs {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    m = sub.add_parser("mount", help="mount S3 on MOUNTPOINT", description=(
+        "Mount S3 on MOUNTPOINT. Returns once the mount answers; the daemon keeps running until "
+        "'s3stashfs unmount', SIGTERM or SIGINT."))
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an existing empty directory")
+    m.add_argument("--bucket", metavar="NAME[/PREFIX]",
+                   help="show only this bucket (or prefix) as the mount's root [S3STASHFS_BUCKET]")
+    m.add_argument("--endpoint-url", metavar="URL",
+                   help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 [S3STASHFS_ENDPOINT_URL]")
+    m.add_argument("--profile", metavar="P", help="AWS profile from ~/.aws [S3STASHFS_PROFILE]")
+    m.add_argument("--region", metavar="R", help="AWS region [S3STASHFS_REGION]")
+    m.add_argument("--cache-dir", metavar="DIR",
+                   help="cache directory (default $XDG_CACHE_HOME/s3stashfs) [S3STASHFS_CACHE_DIR]")
+    m.add_argument("--read-only", action="store_true", help="refuse every change [S3STASHFS_READ_ONLY]")
+    m.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    m.add_argument("--allow-other", action="store_true",
+                   help="let other users use the mount (needs user_allow_other in /etc/fuse.conf) "
+                        "[S3STASHFS_ALLOW_OTHER]")
+    m.add_argument("--metadata-ttl", metavar="S",
+                   help="seconds a listing or lookup is trusted (default 5; 0 = always ask S3) "
+                        "[S3STASHFS_METADATA_TTL]")
+    m.add_argument("--log-file", metavar="F",
+                   help="log file (default: stderr in the foreground, "
+                        "$XDG_STATE_HOME/s3stashfs/s3stashfs.log otherwise) [S3STASHFS_LOG_FILE]")
+    m.add_argument("--debug", action="store_true", help="log at DEBUG level [S3STASHFS_LOG_LEVEL]")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    u = sub.add_parser("unmount", help="unmount MOUNTPOINT", description=(
+        "Unmount MOUNTPOINT and wait for its daemon to finish."))
+    u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "mount":
+            return cmd_mount(args)
+        return cmd_unmount(args)
+    except ConfigError as e:
+        print(f"s3stashfs: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except MountError as e:
+        print(f"s3stashfs: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _settings(args):
+    from . import config
+    flags = {k: getattr(args, k, None) for k in (
+        "endpoint_url", "region", "profile", "bucket", "cache_dir", "metadata_ttl", "log_file",
+        "read_only", "allow_other", "foreground", "debug")}
+    return config.load(flags)
+
+
+def default_log_file() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "s3stashfs" / "s3stashfs.log"
+
+
+def cmd_mount(args) -> int:
+    import dataclasses
+
+    from . import mount
+    settings = _settings(args)
+    if not args.foreground:
+        mount.check_mountpoint(args.mountpoint)
+        if settings.log_file is None:
+            settings = dataclasses.replace(settings, log_file=default_log_file())
+        return _daemonise(settings, args.mountpoint)
+    mount.setup_logging(settings)
+    ready_fd = args.ready_fd
+
+    def on_ready():
+        nonlocal ready_fd
+        if ready_fd is not None:
+            os.write(ready_fd, b"OK\n")
+            os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        mount.serve(settings, args.mountpoint, on_ready)
+    except (ConfigError, MountError) as e:
+        code = EXIT_USAGE if isinstance(e, ConfigError) else e.exit_code
+        mount.log.error("%s", e)
+        if ready_fd is not None:
+            os.write(ready_fd, f"ERR {code} {e}\n".encode())
+            return code
+        raise
+    return EXIT_OK
+
+
+def _daemonise(settings, mountpoint: Path) -> int:
+    """Start the mount in a new session and wait until it answers or says why it cannot."""
+    r, w = os.pipe()
+    argv = [sys.executable, "-m", "s3stashfs", "mount", os.path.abspath(mountpoint),
+            "--foreground", "--ready-fd", str(w)]
+    env = dict(os.environ)
+    env.update(_settings_env(settings))
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, pass_fds=(w,), start_new_session=True,
+                            env=env, cwd="/")
+    os.close(w)
+    deadline = time.monotonic() + READY_TIMEOUT
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([r], [], [], 0.5)
+        if ready:
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            if buf.endswith(b"\n"):
+                break
+        elif proc.poll() is not None:
+            break
+    os.close(r)
+    msg = buf.decode(errors="replace").strip()
+    if msg == "OK":
+        return EXIT_OK
+    if msg.startswith("ERR "):
+        _, code, text = msg.split(" ", 2)
+        print(f"s3stashfs: {text}", file=sys.stderr)
+        return int(code)
+    if proc.poll() is None:
+        proc.terminate()
+        print(f"s3stashfs: the mount did not answer within {READY_TIMEOUT:.0f} s; "
+              f"see {settings.log_file}", file=sys.stderr)
+    else:
+        print(f"s3stashfs: the mount process exited with status {proc.returncode}; "
+              f"see {settings.log_file}", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def _settings_env(settings) -> dict[str, str]:
+    """Hand the resolved settings to the daemon through its environment (flags already won)."""
+    env = {"S3STASHFS_CACHE_DIR": str(settings.cache_dir),
+           "S3STASHFS_FILE_MODE": oct(settings.file_mode)[2:].rjust(4, "0"),
+           "S3STASHFS_METADATA_TTL": repr(settings.metadata_ttl),
+           "S3STASHFS_LOG_FILE": str(settings.log_file),
+           "S3STASHFS_LOG_LEVEL": settings.log_level,
+           "S3STASHFS_READ_ONLY": "1" if settings.read_only else "0",
+           "S3STASHFS_ALLOW_OTHER": "1" if settings.allow_other else "0",
+           "S3STASHFS_ADDRESSING_STYLE": settings.addressing_style}
+    for name, key in (("endpoint_url", "S3STASHFS_ENDPOINT_URL"), ("region", "S3STASHFS_REGION"),
+                      ("profile", "S3STASHFS_PROFILE")):
+        if getattr(settings, name):
+            env[key] = getattr(settings, name)
+    if settings.bucket:
+        env["S3STASHFS_BUCKET"] = settings.bucket + ("/" + settings.prefix if settings.prefix else "")
+    if settings.buckets:
+        env["S3STASHFS_BUCKETS"] = ",".join(settings.buckets)
+    return env
+
+
+def cmd_unmount(args) -> int:
+    from .mount import mounted_points
+    real = os.path.realpath(args.mountpoint)
+    fstype = mounted_points().get(real)
+    if fstype is None:
+        raise ConfigError(f"{args.mountpoint} is not mounted")
+    if fstype != "fuse.s3stashfs":
+        raise ConfigError(f"{args.mountpoint} is not an s3stashfs mount ({fstype})")
+    pid = None
+    try:
+        pid = int(os.getxattr(real, "user.s3stashfs.pid"))
+    except (OSError, ValueError):
+        pass  # a dead daemon: unmounting still works
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u", real] if tool else ["umount", real]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        why = (r.stderr or r.stdout).strip().splitlines()
+        raise MountError(f"cannot unmount {args.mountpoint}: {why[-1] if why else 'failed'}")
+    if pid is not None:
+        deadline = time.monotonic() + UNMOUNT_TIMEOUT
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        if _alive(pid):
+            raise MountError(f"unmounted, but daemon {pid} is still finishing; see its log")
+    return EXIT_OK
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] not in ("Z", "X")
+    except FileNotFoundError:
+        return False

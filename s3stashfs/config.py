@@ -1,0 +1,220 @@
+"""Settings: one frozen object built from flags, then environment, then the env file.
+
+Precedence (highest first): command-line flags, ``S3STASHFS_*`` environment variables, the env
+file (``~/.s3stashfs.env`` or the file named by ``S3STASHFS_ENV``). Anything malformed raises
+:class:`ConfigError` with one line naming the key and what is wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from dotenv.parser import parse_stream
+
+from .errors import ConfigError
+
+PREFIX = "S3STASHFS_"
+ENV_FILE_VAR = "S3STASHFS_ENV"
+DEFAULT_METADATA_TTL = 5.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the mount needs to know; built once, never changed."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    bucket: str | None = None  # --bucket NAME[/PREFIX]: the root is this bucket
+    prefix: str = ""  # with ``bucket``: the key prefix shown as the root ('' or ending in '/')
+    buckets: tuple[str, ...] = ()  # buckets shown at the root instead of ListBuckets
+    cache_dir: Path = Path()
+    file_mode: int = 0o600
+    metadata_ttl: float = DEFAULT_METADATA_TTL
+    log_file: Path | None = None
+    log_level: str = "INFO"
+    read_only: bool = False
+    allow_other: bool = False
+    foreground: bool = False
+    addressing_style: str = "auto"
+    # AWS_* lines of the env file, handed to boto3's credential chain; never logged.
+    aws_env: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
+
+    @property
+    def origin(self) -> str:
+        """Which S3 service the cache entries belong to."""
+        return self.endpoint_url or "aws"
+
+
+def _parse_endpoint(v: str) -> str:
+    if not re.match(r"^https?://[^\s/]+", v):
+        raise ValueError("must be an http:// or https:// URL")
+    return v.rstrip("/")
+
+
+def _parse_bucket(v: str) -> tuple[str, str]:
+    name, _, prefix = v.strip("/").partition("/")
+    if not _BUCKET_RE.match(name):
+        raise ValueError(f"{name!r} is not a valid bucket name")
+    prefix = prefix.strip("/")
+    return name, (prefix + "/") if prefix else ""
+
+
+def _parse_buckets(v: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in v.split(",") if n.strip())
+    for n in names:
+        if not _BUCKET_RE.match(n):
+            raise ValueError(f"{n!r} is not a valid bucket name")
+    return names
+
+
+def _parse_mode(v: str) -> int:
+    if not re.fullmatch(r"0?o?[0-7]{3,4}", v.strip()):
+        raise ValueError("must be an octal file mode such as 0600")
+    mode = int(v.strip().replace("o", ""), 8)
+    if mode & ~0o777:
+        raise ValueError("must be a permission mode between 0000 and 0777")
+    if not mode & 0o600 == 0o600:
+        raise ValueError("must let the owner read and write (at least 0600)")
+    return mode
+
+
+def _parse_ttl(v: str) -> float:
+    try:
+        ttl = float(v)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not 0 <= ttl <= 86400:
+        raise ValueError("must be between 0 and 86400 seconds")
+    return ttl
+
+
+def _parse_level(v: str) -> str:
+    if v.upper() not in LOG_LEVELS:
+        raise ValueError("must be one of " + ", ".join(LOG_LEVELS))
+    return v.upper()
+
+
+def _parse_bool(v: str) -> bool:
+    low = v.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _parse_style(v: str) -> str:
+    if v not in ("auto", "path", "virtual"):
+        raise ValueError("must be auto, path or virtual")
+    return v
+
+
+def _nonempty(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty")
+    return v.strip()
+
+
+def _path(v: str) -> Path:
+    return Path(_nonempty(v)).expanduser()
+
+
+# setting name -> (parser, environment key). The flag of the same name wins over both.
+_SPECS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "endpoint_url": (_parse_endpoint, "S3STASHFS_ENDPOINT_URL"),
+    "region": (_nonempty, "S3STASHFS_REGION"),
+    "profile": (_nonempty, "S3STASHFS_PROFILE"),
+    "bucket": (_parse_bucket, "S3STASHFS_BUCKET"),
+    "buckets": (_parse_buckets, "S3STASHFS_BUCKETS"),
+    "cache_dir": (_path, "S3STASHFS_CACHE_DIR"),
+    "file_mode": (_parse_mode, "S3STASHFS_FILE_MODE"),
+    "metadata_ttl": (_parse_ttl, "S3STASHFS_METADATA_TTL"),
+    "log_file": (_path, "S3STASHFS_LOG_FILE"),
+    "log_level": (_parse_level, "S3STASHFS_LOG_LEVEL"),
+    "read_only": (_parse_bool, "S3STASHFS_READ_ONLY"),
+    "allow_other": (_parse_bool, "S3STASHFS_ALLOW_OTHER"),
+    "addressing_style": (_parse_style, "S3STASHFS_ADDRESSING_STYLE"),
+}
+_ENV_KEYS = {env for _, env in _SPECS.values()} | {ENV_FILE_VAR}
+
+
+def env_file_path(environ: Mapping[str, str]) -> tuple[Path, bool]:
+    """The env file to read, and whether the user named it explicitly."""
+    named = environ.get(ENV_FILE_VAR)
+    if named:
+        return Path(named).expanduser(), True
+    return Path(environ.get("HOME", "~")).expanduser() / ".s3stashfs.env", False
+
+
+def read_env_file(path: Path, explicit: bool) -> dict[str, str]:
+    """Parse the env file strictly: any line python-dotenv cannot parse is an error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            bindings = list(parse_stream(f))
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{ENV_FILE_VAR}: env file {path} does not exist") from None
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"env file {path}: cannot be read: {e}") from None
+    values: dict[str, str] = {}
+    for b in bindings:
+        if b.error:
+            raise ConfigError(f"env file {path}, line {b.original.line}: cannot parse "
+                              f"{b.original.string.strip()[:40]!r} (expected KEY=value)")
+        if b.key is None:
+            continue
+        if b.key.startswith(PREFIX) and b.key not in _ENV_KEYS:
+            raise ConfigError(f"env file {path}, line {b.original.line}: unknown setting {b.key}")
+        values[b.key] = b.value if b.value is not None else ""
+    return values
+
+
+def default_cache_dir(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_CACHE_HOME") or str(Path(environ.get("HOME", "~")).expanduser() / ".cache")
+    return Path(base) / "s3stashfs"
+
+
+def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings. ``flags`` maps setting names to values already typed by argparse
+    (None = not given); string values from flags are parsed like the environment's."""
+    environ = os.environ if environ is None else environ
+    path, explicit = env_file_path(environ)
+    file_values = read_env_file(path, explicit)
+    values: dict[str, Any] = {}
+    for name, (parse, env_key) in _SPECS.items():
+        flag = flags.get(name)
+        if flag is not None and flag is not False:
+            source, raw = f"--{name.replace('_', '-')}", flag
+        elif env_key in environ:
+            source, raw = env_key, environ[env_key]
+        elif env_key in file_values:
+            source, raw = f"{env_key} (in {path})", file_values[env_key]
+        else:
+            continue
+        if not isinstance(raw, str):
+            values[name] = raw
+            continue
+        try:
+            values[name] = parse(raw)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {raw!r} {e}") from None
+    bucket = values.pop("bucket", None)
+    if bucket is not None:
+        values["bucket"], values["prefix"] = bucket
+    values.setdefault("cache_dir", default_cache_dir(environ))
+    values["cache_dir"] = Path(os.path.abspath(values["cache_dir"]))
+    if values.get("log_file") is not None:
+        values["log_file"] = Path(os.path.abspath(values["log_file"]))
+    if flags.get("debug"):
+        values["log_level"] = "DEBUG"
+    values["foreground"] = bool(flags.get("foreground"))
+    values["aws_env"] = tuple((k, v) for k, v in file_values.items() if k.startswith("AWS_"))
+    return Settings(**values)

@@ -1,0 +1,89 @@
+"""Domain exceptions, and the one place where they become errno values.
+
+The core (namespace, cache, fetch, store) raises these; only ``fs.py`` turns them into
+``FUSEError`` through :func:`errno_for`, so every errno decision is made here.
+"""
+from __future__ import annotations
+
+import errno
+
+
+class S3StashError(Exception):
+    """Base of every domain error; ``errno`` is what a file operation reports."""
+
+    errno = errno.EIO
+
+
+class NotFound(S3StashError):
+    errno = errno.ENOENT
+
+
+class NotADirectory(S3StashError):
+    errno = errno.ENOTDIR
+
+
+class IsADirectory(S3StashError):
+    errno = errno.EISDIR
+
+
+class ReadOnly(S3StashError):
+    errno = errno.EROFS
+
+
+class Unreachable(S3StashError):
+    """S3 could not be reached (connection refused or reset, DNS failure, timeout)."""
+
+    errno = errno.ENETUNREACH
+
+
+class Denied(S3StashError):
+    errno = errno.EACCES
+
+
+class Throttled(S3StashError):
+    """S3 kept answering SlowDown / 503 after our retries."""
+
+    errno = errno.EIO
+
+
+class Changed(S3StashError):
+    """The object changed under an open file (If-Match failed): that open gets EIO."""
+
+    errno = errno.EIO
+
+
+class ChecksumMismatch(S3StashError):
+    """Downloaded bytes do not match the object's ETag or stored checksum."""
+
+    errno = errno.EIO
+
+
+class NoSpace(S3StashError):
+    errno = errno.ENOSPC
+
+
+class StoreError(S3StashError):
+    """Any other S3 error; the message carries S3's code."""
+
+    errno = errno.EIO
+
+
+class ConfigError(Exception):
+    """A setting, flag or env file is wrong. The message is one line naming the key."""
+
+
+class MountError(Exception):
+    """Mounting cannot proceed (no FUSE, bucket missing, bad credentials, ...)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno a file operation reports for ``exc``; anything unknown is EIO."""
+    if isinstance(exc, S3StashError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return errno.ENOSPC
+    return errno.EIO

@@ -1,0 +1,217 @@
+"""Getting bytes into the cache: ranged GETs pinned by If-Match, read-ahead, one fetch per block.
+
+A read waits only for the blocks it touches. Small objects and index files are fetched whole
+(and verified against their MD5 ETag before any byte is served). Larger objects are fetched in
+blocks: a random read fetches just the blocks it touches; a sequential reader gets a read-ahead
+window that doubles with each sequential read, up to MAX_WINDOW, fetched as parallel ranged GETs
+of at most CHUNK bytes that stream into the data file and wake readers as each piece lands.
+Concurrent readers of one block share one GET: a block is fetched by at most one Fetch at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import trio
+
+from .cache import BLOCK_SIZE, Cache, CachedObject, Fetch
+from .errors import Changed, S3StashError
+from .store import Store, is_md5_etag
+
+log = logging.getLogger(__name__)
+
+SMALL_OBJECT = 1 << 20  # objects up to this size are fetched whole on first read
+INDEX_MAX = 64 << 20  # index files up to this size are fetched whole
+INDEX_SUFFIXES = (".bai", ".csi", ".tbi", ".crai", ".fai", ".gzi")
+CHUNK = 8 << 20  # largest single ranged GET of read-ahead
+FIRST_WINDOW = 1 << 20
+MAX_WINDOW = 64 << 20
+
+
+def is_index(key: str) -> bool:
+    return key.lower().endswith(INDEX_SUFFIXES)
+
+
+class ReadState:
+    """Per open file: where the last read ended and how far ahead to fetch."""
+
+    __slots__ = ("next_off", "window", "ahead_upto")
+
+    def __init__(self):
+        self.next_off = 0
+        self.window = 0
+        self.ahead_upto = 0  # block up to which read-ahead has been issued
+
+
+class Fetcher:
+    def __init__(self, store: Store, cache: Cache):
+        self.store = store
+        self.cache = cache
+        self.nursery: trio.Nursery | None = None  # set by the mount: fetches outlive requests
+        self.bytes_fetched = 0
+
+    def wants_whole(self, obj: CachedObject) -> bool:
+        return obj.size <= SMALL_OBJECT or (is_index(obj.key) and obj.size <= INDEX_MAX)
+
+    async def read(self, obj: CachedObject, state: ReadState, off: int, size: int) -> bytes:
+        if off >= obj.size or size <= 0:
+            return b""
+        end = min(off + size, obj.size)
+        b0, b1 = off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1
+        if self.wants_whole(obj):
+            if not obj.present.covers(b0, b1):
+                await self._wait(obj, b0, b1, self._ensure(obj, 0, obj.nblocks, whole=True))
+        else:
+            fetches = self._schedule(obj, state, off, b0, b1)
+            if not obj.present.covers(b0, b1):
+                await self._wait(obj, b0, b1, fetches)
+        state.next_off = end
+        return self.cache.pread(obj, off, end - off)
+
+    # ------------------------------------------------------------ scheduling
+    def _schedule(self, obj: CachedObject, state: ReadState, off: int, b0: int, b1: int) -> list[Fetch]:
+        """Fetch what this read needs, plus read-ahead when the reading is sequential."""
+        if off != state.next_off:  # a jump: random access, only the blocks touched
+            state.window = 0
+            state.ahead_upto = 0
+            return self._ensure(obj, b0, b1)
+        state.window = min(max(state.window * 2, FIRST_WINDOW), MAX_WINDOW)
+        target = min(b1 + state.window // BLOCK_SIZE, obj.nblocks)
+        start = max(b0, state.ahead_upto)
+        chunk = min(CHUNK, state.window) // BLOCK_SIZE
+        # a new batch once half the window is consumed, so that GETs stay large
+        if start < b1 or target - start >= chunk // 2 or target == obj.nblocks:
+            fetches = self._ensure(obj, b0, target, chunk=chunk)
+            state.ahead_upto = target
+            return fetches
+        return self._ensure(obj, b0, b1)
+
+    def _ensure(self, obj: CachedObject, start: int, end: int, whole: bool = False,
+                chunk: int | None = None) -> list[Fetch]:
+        """Make sure every block of [start, end) is present or being fetched; return the
+        fetches covering the missing ones."""
+        fetches: list[Fetch] = []
+        for gap_start, gap_end in obj.present.missing(start, end):
+            run_start = None
+            for blk in range(gap_start, gap_end + 1):
+                f = obj.inflight.get(blk) if blk < gap_end else None
+                if f is not None or blk == gap_end:
+                    if run_start is not None:
+                        fetches += self._start(obj, run_start, blk, whole, chunk)
+                        run_start = None
+                    if f is not None and (not fetches or fetches[-1] is not f):
+                        fetches.append(f)
+                elif run_start is None:
+                    run_start = blk
+        return fetches
+
+    def _start(self, obj: CachedObject, start: int, end: int, whole: bool, chunk: int | None):
+        if whole:
+            spans = [(start, end)]
+        else:
+            step = chunk or (end - start)
+            spans = [(s, min(s + step, end)) for s in range(start, end, step)]
+        out = []
+        for s, e in spans:
+            f = Fetch(s, e)
+            for blk in range(s, e):
+                obj.inflight[blk] = f
+            self.nursery.start_soon(self._run, obj, f, whole)
+            out.append(f)
+        return out
+
+    async def _run(self, obj: CachedObject, f: Fetch, whole: bool) -> None:
+        token = trio.lowlevel.current_trio_token()
+        marked = [f.start]
+
+        def progress(pos: int) -> None:  # in the worker thread
+            trio.from_thread.run_sync(self._arrived, obj, f, marked, pos, trio_token=token)
+
+        try:
+            if whole:
+                await self.store.fetch_whole(obj.bucket, obj.key, obj.etag, obj.size, obj.fd, progress)
+                if is_md5_etag(obj.etag):
+                    obj.row.verified = True
+            else:
+                await self.store.fetch_range(obj.bucket, obj.key, obj.etag, f.start * BLOCK_SIZE,
+                                             min(f.end * BLOCK_SIZE, obj.size), obj.fd, progress)
+        except Exception as e:  # noqa: BLE001 - handed to the readers waiting on it
+            f.error = e
+            if isinstance(e, Changed):
+                log.error("s3://%s/%s changed while open (ETag %s): %s", obj.bucket, obj.key,
+                          obj.etag, e)
+            elif isinstance(e, S3StashError):
+                log.warning("%s", e)
+            elif not isinstance(e, OSError):
+                log.error("fetch of s3://%s/%s failed", obj.bucket, obj.key, exc_info=True)
+        finally:
+            f.done = True
+            for blk in range(f.start, f.end):
+                if obj.inflight.get(blk) is f:
+                    del obj.inflight[blk]
+            obj.wake()
+            if (obj.complete and not obj.row.verified and is_md5_etag(obj.etag)
+                    and not obj.verifying and self.nursery is not None):
+                obj.verifying = True
+                self.nursery.start_soon(self._verify, obj)
+            self.cache.release_if_idle(obj)
+
+    def _arrived(self, obj: CachedObject, f: Fetch, marked: list[int], pos: int) -> None:
+        upto = obj.nblocks if pos >= obj.size else pos // BLOCK_SIZE
+        upto = min(upto, f.end)
+        if upto > marked[0]:
+            self.bytes_fetched += (upto - marked[0]) * BLOCK_SIZE
+            obj.mark(marked[0], upto)
+            marked[0] = upto
+
+    async def _wait(self, obj: CachedObject, b0: int, b1: int, fetches: list[Fetch]) -> None:
+        retried = False
+        while not obj.present.covers(b0, b1):
+            ev = obj.changed
+            failed = [f for f in fetches if f.done and f.error is not None]
+            if failed:
+                raise _fresh_copy(failed[0].error)
+            if all(f.done for f in fetches):
+                if retried:
+                    raise Changed(f"s3://{obj.bucket}/{obj.key}: blocks missing after fetch")
+                retried = True
+                fetches = self._ensure(obj, b0, b1, whole=self.wants_whole(obj))
+                continue
+            await ev.wait()
+
+    async def _verify(self, obj: CachedObject) -> None:
+        """A single-part object assembled from ranged GETs: check the whole against its MD5."""
+        try:
+            digest = await trio.to_thread.run_sync(_md5_of, obj.fd, obj.size)
+            if digest == obj.etag:
+                obj.row.verified = True
+                obj.unsynced = True
+            else:
+                log.error("s3://%s/%s: cached bytes have MD5 %s, not the ETag %s: dropped",
+                          obj.bucket, obj.key, digest, obj.etag)
+                obj.drop_all()
+        finally:
+            obj.verifying = False
+            self.cache.release_if_idle(obj)
+
+
+def _fresh_copy(e: BaseException) -> BaseException:
+    """Each waiting reader raises its own exception object."""
+    if isinstance(e, S3StashError):
+        return type(e)(str(e))
+    if isinstance(e, OSError):
+        return OSError(e.errno, e.strerror)
+    return e
+
+
+def _md5_of(fd: int, size: int) -> str:
+    md5 = hashlib.md5(usedforsecurity=False)
+    pos = 0
+    while pos < size:
+        chunk = os.pread(fd, min(8 << 20, size - pos), pos)
+        if not chunk:
+            break
+        md5.update(chunk)
+        pos += len(chunk)
+    return md5.hexdigest()

@@ -1,0 +1,198 @@
+"""The mount lifecycle: checks, pyfuse3.init, the trio nursery of background tasks, signals,
+readiness (to the parent process and to systemd), and a clean unmount."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .cache import Cache
+from .config import Settings
+from .errors import ConfigError, MountError
+from .fetch import Fetcher
+from .fs import PID_XATTR, Operations
+from .inodes import ROOT_INODE, InodeTable, Kind
+from .namespace import Namespace
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "mount.lock"
+_QUIET_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer")  # they can log request headers
+
+
+def setup_logging(settings: Settings) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if settings.log_file is not None:
+        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(settings.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        handler: logging.Handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def mounted_points() -> dict[str, str]:
+    """mountpoint -> filesystem type, from /proc/self/mountinfo."""
+    out = {}
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                point = left.split()[4].encode().decode("unicode_escape")
+                out[point] = right.split()[0]
+    except OSError:
+        pass
+    return out
+
+
+def check_mountpoint(path: Path) -> Path:
+    """Refuse, with one clear line, a mountpoint that cannot work."""
+    if not path.exists():
+        raise ConfigError(f"mountpoint {path} does not exist")
+    if not path.is_dir():
+        raise ConfigError(f"mountpoint {path} is not a directory")
+    real = Path(os.path.realpath(path))
+    if str(real) in mounted_points():
+        raise MountError(f"mountpoint {path} is already mounted ({mounted_points()[str(real)]})")
+    if not os.access(real, os.W_OK | os.X_OK):
+        raise ConfigError(f"mountpoint {path} is not writable by this user")
+    return real
+
+
+def check_fuse() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("FUSE is not available: /dev/fuse is missing (install fuse3, load the fuse module)")
+    if os.geteuid() != 0 and not any(os.access(os.path.join(d, "fusermount3"), os.X_OK)
+                                     for d in os.environ.get("PATH", "/usr/bin").split(os.pathsep)):
+        raise MountError("FUSE is not usable: fusermount3 was not found (install the fuse3 package)")
+
+
+def lock_cache_dir(cache_dir: Path) -> int:
+    """One mount per cache directory: the catalog is not shared between processes."""
+    cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise MountError(f"cache directory {cache_dir} is in use by another mount (pid {other or '?'})")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def notify_systemd(message: str) -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as e:
+        log.warning("could not notify systemd: %s", e)
+
+
+class Mount:
+    """Everything one mount owns, wired together."""
+
+    def __init__(self, settings: Settings, mountpoint: Path):
+        self.settings = settings
+        self.mountpoint = mountpoint
+        self.store = Store(settings)
+        self.cache = Cache(settings.cache_dir, settings.origin, settings.file_mode)
+        if settings.bucket:
+            root = (Kind.BUCKET, settings.bucket, settings.prefix)
+        else:
+            root = (Kind.ROOT, None, "")
+        self.inodes = InodeTable(*root)
+        self.ns = Namespace(self.store, self.cache, self.inodes, settings.metadata_ttl, settings.buckets)
+        self.fetcher = Fetcher(self.store, self.cache)
+        self.ops = Operations(self.inodes, self.ns, self.cache, self.fetcher, settings.metadata_ttl,
+                              settings.read_only)
+
+    def fuse_options(self) -> set[str]:
+        opts = set(pyfuse3.default_options)
+        opts |= {"fsname=s3stashfs", "subtype=s3stashfs", "noatime"}
+        if self.settings.read_only:
+            opts.add("ro")
+        if self.settings.allow_other:
+            opts.add("allow_other")
+        return opts
+
+    async def run(self, on_ready) -> None:
+        pyfuse3.init(self.ops, str(self.mountpoint), self.fuse_options())
+        clean = False
+        try:
+            async with trio.open_nursery() as nursery:
+                self.fetcher.nursery = nursery
+                await nursery.start(self.cache.run)
+                nursery.start_soon(self._signals, nursery.cancel_scope)
+                nursery.start_soon(self._ready, on_ready)
+                await pyfuse3.main()
+                clean = True
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.cache.close()
+                except Exception:  # noqa: BLE001 - unmount must go on
+                    log.exception("closing the cache failed")
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s%s", self.mountpoint, "" if clean else " (after an error)")
+
+    async def _signals(self, scope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for sig in signals:
+                log.info("%s received: unmounting", signal.Signals(sig).name)
+                pyfuse3.terminate()
+                return
+
+    async def _ready(self, on_ready) -> None:
+        """Tell our parent and systemd once the mount really answers requests."""
+        def probe():
+            st = os.stat(self.mountpoint)
+            os.getxattr(self.mountpoint, PID_XATTR)
+            return st.st_ino
+        ino = await trio.to_thread.run_sync(probe)
+        if ino != ROOT_INODE:
+            raise MountError(f"the mount at {self.mountpoint} does not answer (inode {ino})")
+        log.info("mounted %s (pid %d)", self.mountpoint, os.getpid())
+        notify_systemd("READY=1")
+        on_ready()
+
+
+def serve(settings: Settings, mountpoint: Path, on_ready=lambda: None) -> None:
+    """Check everything, mount, serve until unmounted. Raises ConfigError/MountError before
+    mounting; returns after a clean unmount."""
+    real = check_mountpoint(mountpoint)
+    check_fuse()
+    lock_fd = lock_cache_dir(settings.cache_dir)
+    try:
+        m = Mount(settings, real)
+        m.store.check_access(settings.bucket, settings.buckets)
+        log.info("mounting %s on %s (cache %s)", settings.bucket or "all buckets", real,
+                 settings.cache_dir)
+        trio.run(m.run, on_ready)
+    finally:
+        os.close(lock_fd)

@@ -1,0 +1,202 @@
+"""Keys <-> paths: lookups, directory listings, attributes' sources, TTLs, negative cache.
+
+A prefix is a directory; a ``dir/`` marker object is a directory; when a key ``x`` and a prefix
+``x/`` both exist, the directory wins. A key component that is not a valid file name (empty,
+``.``, ``..``, containing NUL, longer than 255 bytes) is never shown and is logged once: it can
+never become a path, in the mount or in the cache.
+
+Freshness: a listing younger than the metadata TTL answers lookups (negatively too) and gives
+``open()`` its ETag; otherwise ``open()`` asks S3 with a HEAD. A HEAD made by a lookup is used by
+the one ``open()`` that follows it, so ``cat file`` costs one HEAD, and every later open asks again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import trio
+
+from .cache import Cache
+from .errors import NotADirectory, NotFound
+from .inodes import InodeTable, Kind, Node
+from .store import ObjectInfo, Store
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+
+
+def valid_name(name: str) -> bool:
+    if name in ("", ".", "..") or "\0" in name or "/" in name:
+        return False
+    return len(name.encode("utf-8", "surrogatepass")) <= NAME_MAX
+
+
+@dataclasses.dataclass
+class Listing:
+    """A directory's children as of one listing: name -> node, in S3's order."""
+
+    children: dict[bytes, Node]
+
+
+class Namespace:
+    def __init__(self, store: Store, cache: Cache, inodes: InodeTable, ttl: float,
+                 buckets: tuple[str, ...] = ()):
+        self.store = store
+        self.cache = cache
+        self.inodes = inodes
+        self.ttl = ttl
+        self.buckets = buckets
+        self._negative: dict[tuple[int, bytes], float] = {}
+        self._logged: set[tuple[str, str]] = set()
+        self._listing_locks: dict[int, trio.Lock] = {}
+
+    def _fresh(self, at: float) -> bool:
+        return self.ttl > 0 and time.monotonic() - at < self.ttl
+
+    def _log_once(self, bucket: str, key: str, what: str) -> None:
+        if (bucket, key) not in self._logged:
+            self._logged.add((bucket, key))
+            log.info("s3://%s/%s: %s", bucket, key, what)
+
+    # ---------------------------------------------------------------- lookup
+    async def lookup(self, parent: Node, name: bytes) -> Node:
+        if not parent.kind.is_dir:
+            raise NotADirectory(repr(parent))
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise NotFound("not a UTF-8 name") from None
+        if not valid_name(text):
+            raise NotFound("not a valid name")
+        if parent.listing is not None and self._fresh(parent.listing_at):
+            node = parent.listing.children.get(name)
+            if node is None:
+                raise NotFound(text)
+            return node
+        neg = self._negative.get((parent.ino, name))
+        if neg is not None and time.monotonic() < neg:
+            raise NotFound(text)
+        node = await (self._lookup_bucket(parent, name, text) if parent.kind is Kind.ROOT
+                      else self._lookup_key(parent, name, text))
+        if node is None:
+            if self.ttl > 0:
+                self._negative[(parent.ino, name)] = time.monotonic() + self.ttl
+            raise NotFound(text)
+        self._negative.pop((parent.ino, name), None)
+        return node
+
+    async def _lookup_bucket(self, parent: Node, name: bytes, text: str) -> Node | None:
+        if self.buckets and text not in self.buckets:
+            return None
+        if not await self.store.head_bucket(text):
+            return None
+        return self.inodes.child(parent, name, Kind.BUCKET, text, "")
+
+    async def _lookup_key(self, parent: Node, name: bytes, text: str) -> Node | None:
+        """HEAD the key and LIST the prefix at the same time; the directory wins."""
+        key = parent.key + text
+        found: dict[str, object] = {}
+
+        async def head():
+            found["head"] = await self.store.head_object(parent.bucket, key)
+
+        async def as_dir():
+            page = await self.store.list_page(parent.bucket, key + "/", max_keys=1)
+            found["dir"] = bool(page.prefixes or page.keys)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(head)
+            n.start_soon(as_dir)
+        info = found["head"]
+        if found["dir"]:
+            if info is not None:
+                self._log_once(parent.bucket, key, "both an object and a prefix: shown as a directory")
+            return self.inodes.child(parent, name, Kind.DIR, parent.bucket, key + "/")
+        if info is None:
+            return None
+        node = self.inodes.child(parent, name, Kind.FILE, parent.bucket, key)
+        self._set_info(node, info, from_head=True)
+        return node
+
+    def _set_info(self, node: Node, info: ObjectInfo, from_head: bool = False) -> None:
+        old = node.info
+        if not from_head and old is not None and old.from_head and old.etag == info.etag:
+            info = old  # the listing adds nothing to what a HEAD of the same version said
+        node.info = info
+        node.info_at = time.monotonic()
+        node.info_src = "head" if from_head else "list"
+
+    # ---------------------------------------------------------------- open
+    async def revalidate(self, node: Node, force: bool = False) -> ObjectInfo:
+        """The object's current version, for open(): a fresh listing's word, the HEAD of the
+        lookup just made, or a new HEAD."""
+        fresh = node.info is not None and self._fresh(node.info_at)
+        if not force and fresh and node.info_src in ("list", "head"):
+            if node.info_src == "head":
+                node.info_src = "used"
+            return node.info
+        info = await self.store.head_object(node.bucket, node.key)
+        if info is None:
+            node.info = None
+            raise NotFound(f"s3://{node.bucket}/{node.key}")
+        self._set_info(node, info, from_head=True)
+        node.info_src = "used"
+        return info
+
+    # ---------------------------------------------------------------- listing
+    async def listdir(self, node: Node) -> list[Node]:
+        if not node.kind.is_dir:
+            raise NotADirectory(repr(node))
+        lock = self._listing_locks.setdefault(node.ino, trio.Lock())
+        async with lock:  # concurrent `ls` of one directory share one listing
+            if node.listing is None or not self._fresh(node.listing_at):
+                children = await (self._list_buckets(node) if node.kind is Kind.ROOT
+                                  else self._list_prefix(node))
+                node.listing = Listing(children)
+                node.listing_at = time.monotonic()
+        return list(node.listing.children.values())
+
+    async def _list_buckets(self, node: Node) -> dict[bytes, Node]:
+        names = self.buckets or await self.store.list_buckets()
+        return {n.encode(): self.inodes.child(node, n.encode(), Kind.BUCKET, n, "") for n in names}
+
+    async def _list_prefix(self, node: Node) -> dict[bytes, Node]:
+        bucket, prefix = node.bucket, node.key
+        dirs: dict[str, None] = {}
+        files: dict[str, ObjectInfo] = {}
+        token = None
+        while True:
+            page = await self.store.list_page(bucket, prefix, token)
+            for p in page.prefixes:
+                dirs[p[len(prefix):-1]] = None
+            for k, info in zip(page.keys, page.objects):
+                if k != prefix:  # the directory's own marker object
+                    files[k[len(prefix):]] = info
+            token = page.next_token
+            if token is None:
+                break
+        known = self.cache.catalog.known_metadata(self.cache.origin, bucket, prefix) if files else {}
+        children: dict[bytes, Node] = {}
+        for name in dirs:
+            if not valid_name(name):
+                self._log_once(bucket, prefix + name + "/", "prefix is not a valid file name: hidden")
+                continue
+            children[name.encode()] = self.inodes.child(node, name.encode(), Kind.DIR, bucket,
+                                                        prefix + name + "/")
+        for name, info in files.items():
+            key = prefix + name
+            if not valid_name(name):
+                self._log_once(bucket, key, "key is not a valid file name: hidden")
+                continue
+            if name.encode() in children:
+                self._log_once(bucket, key, "both an object and a prefix: shown as a directory")
+                continue
+            meta = known.get(key)
+            if meta is not None and meta[0] == info.etag:
+                info = dataclasses.replace(info, mtime_ns=meta[1])
+            child = self.inodes.child(node, name.encode(), Kind.FILE, bucket, key)
+            self._set_info(child, info)
+            children[name.encode()] = child
+        return children
