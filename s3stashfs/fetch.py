@@ -80,8 +80,8 @@ class Fetcher:
         target = min(b1 + state.window // BLOCK_SIZE, obj.nblocks)
         start = max(b0, state.ahead_upto)
         chunk = min(CHUNK, state.window) // BLOCK_SIZE
-        # a new batch once half the window is consumed, so that GETs stay large
-        if start < b1 or target - start >= chunk // 2 or target == obj.nblocks:
+        # a new batch once a whole chunk of the window is free, so that GETs stay large
+        if start < b1 or target - start >= chunk or (target == obj.nblocks and start < target):
             fetches = self._ensure(obj, b0, target, chunk=chunk)
             state.ahead_upto = target
             return fetches

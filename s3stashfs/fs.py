@@ -93,11 +93,12 @@ class Operations(pyfuse3.Operations):
         a.attr_timeout = self.ttl
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_blksize = 128 * 1024
-        if node.kind is Kind.FILE and node.info is not None:
+        if node.kind is Kind.FILE:
             a.st_mode = stat.S_IFREG | 0o644
             a.st_nlink = 1
-            a.st_size = node.info.size
-            a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = node.info.mtime_ns
+            a.st_size = node.info.size if node.info is not None else 0
+            a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = (
+                node.info.mtime_ns if node.info is not None else self.started_ns)
         else:
             a.st_mode = stat.S_IFDIR | 0o755
             a.st_nlink = 1  # unknown subdirectory count: tells find(1) not to skip any
@@ -114,7 +115,10 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def getattr(self, inode, ctx=None):
-        return self.attrs(self.inodes.get(inode))
+        node = self.inodes.get(inode)
+        if node.kind is Kind.FILE and node.info is None:
+            raise NotFound(f"s3://{node.bucket}/{node.key} is gone")
+        return self.attrs(node)
 
     async def forget(self, inode_list):
         for ino, n in inode_list:
@@ -151,7 +155,11 @@ class Operations(pyfuse3.Operations):
         if node.kind is not Kind.FILE:
             raise pyfuse3.FUSEError(errno.EISDIR)
         old = node.info
-        info = await self.ns.revalidate(node)
+        try:
+            info = await self.ns.revalidate(node)
+        except NotFound:
+            self._forget_entry(node)
+            raise
         obj, same = self.cache.open_object(node.bucket, node.key, info)
         if old is not None and (old.size != info.size or old.mtime_ns != info.mtime_ns):
             self._invalidate_attrs(node)
@@ -159,6 +167,13 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         self._handles[fh] = FileHandle(node, obj)
         return pyfuse3.FileInfo(fh=fh, keep_cache=same)
+
+    def _forget_entry(self, node: Node) -> None:
+        """The object is gone from S3: make the kernel drop its cached name."""
+        try:
+            pyfuse3.invalidate_entry_async(node.parent, node.name, ignore_enoent=True)
+        except OSError as e:
+            log.debug("invalidate_entry(%d): %s", node.ino, e)
 
     def _invalidate_attrs(self, node: Node) -> None:
         try:

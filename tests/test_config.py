@@ -1,0 +1,78 @@
+"""Unit tests of settings: precedence and clear one-line errors naming the key."""
+import pytest
+
+from s3stashfs import config
+from s3stashfs.errors import ConfigError
+
+
+def load(tmp_path, flags=None, env=None, file_text=None):
+    environ = {"HOME": str(tmp_path)}
+    if file_text is not None:
+        (tmp_path / ".s3stashfs.env").write_text(file_text)
+    environ.update(env or {})
+    return config.load(flags or {}, environ)
+
+
+def test_defaults(tmp_path):
+    s = load(tmp_path)
+    assert s.cache_dir == tmp_path / ".cache" / "s3stashfs"
+    assert s.file_mode == 0o600
+    assert s.metadata_ttl == config.DEFAULT_METADATA_TTL
+    assert s.bucket is None and s.endpoint_url is None
+
+
+def test_xdg_cache_home(tmp_path):
+    s = load(tmp_path, env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert s.cache_dir == tmp_path / "xdg" / "s3stashfs"
+
+
+def test_flags_beat_environment_beat_file(tmp_path):
+    text = "S3STASHFS_METADATA_TTL=7\nS3STASHFS_REGION=eu-west-1\nS3STASHFS_FILE_MODE=0640\n"
+    s = load(tmp_path, env={"S3STASHFS_METADATA_TTL": "3"}, file_text=text)
+    assert (s.metadata_ttl, s.region, s.file_mode) == (3.0, "eu-west-1", 0o640)
+    s = load(tmp_path, flags={"metadata_ttl": "1.5"}, env={"S3STASHFS_METADATA_TTL": "3"}, file_text=text)
+    assert s.metadata_ttl == 1.5
+
+
+def test_named_env_file(tmp_path):
+    f = tmp_path / "other.env"
+    f.write_text("S3STASHFS_BUCKET=lab-data/runs/2024\n")
+    s = load(tmp_path, env={"S3STASHFS_ENV": str(f)})
+    assert (s.bucket, s.prefix) == ("lab-data", "runs/2024/")
+
+
+def test_missing_named_env_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="S3STASHFS_ENV.*does not exist"):
+        load(tmp_path, env={"S3STASHFS_ENV": str(tmp_path / "nope.env")})
+
+
+def test_unparsable_line_names_the_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"line 2: cannot parse"):
+        load(tmp_path, file_text="S3STASHFS_REGION=x\nthis is not a setting\n")
+
+
+def test_unknown_setting_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown setting S3STASHFS_CACHEDIR"):
+        load(tmp_path, file_text="S3STASHFS_CACHEDIR=/tmp/x\n")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("S3STASHFS_METADATA_TTL", "soon", "number of seconds"),
+    ("S3STASHFS_METADATA_TTL", "-1", "between 0 and 86400"),
+    ("S3STASHFS_FILE_MODE", "rw", "octal file mode"),
+    ("S3STASHFS_FILE_MODE", "0400", "owner read and write"),
+    ("S3STASHFS_ENDPOINT_URL", "localhost:9000", "http:// or https:// URL"),
+    ("S3STASHFS_BUCKET", "Bad Bucket!", "not a valid bucket name"),
+    ("S3STASHFS_LOG_LEVEL", "LOUD", "one of DEBUG"),
+])
+def test_bad_values_name_key_and_problem(tmp_path, key, value, message):
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, file_text=f"{key}={value}\n")
+    text = str(e.value)
+    assert key in text and message in text and "\n" not in text
+
+
+def test_aws_lines_go_to_boto3_and_not_to_repr(tmp_path):
+    s = load(tmp_path, file_text="AWS_SECRET_ACCESS_KEY=sekrit-value\n")
+    assert ("AWS_SECRET_ACCESS_KEY", "sekrit-value") in s.aws_env
+    assert "sekrit-value" not in repr(s)
