@@ -27,6 +27,8 @@ INDEX_SUFFIXES = (".bai", ".csi", ".tbi", ".crai", ".fai", ".gzi")
 CHUNK = 8 << 20  # largest single ranged GET of read-ahead
 FIRST_WINDOW = 1 << 20
 MAX_WINDOW = 64 << 20
+SEQ_SLACK = 1 << 20
+DISK_AHEAD = 16 << 20  # how far ahead a sequential reader has the cache file read from disk  # how far from the previous read's end a read still counts as sequential
 
 
 def is_index(key: str) -> bool:
@@ -36,12 +38,13 @@ def is_index(key: str) -> bool:
 class ReadState:
     """Per open file: where the last read ended and how far ahead to fetch."""
 
-    __slots__ = ("next_off", "window", "ahead_upto")
+    __slots__ = ("next_off", "window", "ahead_upto", "disk_upto")
 
     def __init__(self):
         self.next_off = 0
         self.window = 0
         self.ahead_upto = 0  # block up to which read-ahead has been issued
+        self.disk_upto = 0  # byte up to which the kernel was asked to read the cache file
 
 
 class Fetcher:
@@ -66,13 +69,22 @@ class Fetcher:
             fetches = self._schedule(obj, state, off, b0, b1)
             if not obj.present.covers(b0, b1):
                 await self._wait(obj, b0, b1, fetches)
-        state.next_off = end
+        state.next_off = max(state.next_off, end) if state.window else end
+        if state.window and end + DISK_AHEAD // 2 > state.disk_upto:
+            # A sequential reader of cached bytes: have the kernel read the cache file ahead,
+            # so that our pread finds them in memory instead of waiting for the disk.
+            start = max(end, state.disk_upto)
+            state.disk_upto = start + DISK_AHEAD
+            self.cache.advise_willneed(obj, start, DISK_AHEAD)
         return self.cache.pread(obj, off, end - off)
 
     # ------------------------------------------------------------ scheduling
     def _schedule(self, obj: CachedObject, state: ReadState, off: int, b0: int, b1: int) -> list[Fetch]:
         """Fetch what this read needs, plus read-ahead when the reading is sequential."""
-        if off != state.next_off:  # a jump: random access, only the blocks touched
+        # The kernel sends read-ahead requests concurrently, so a sequential reader's requests
+        # can arrive a little out of order: "sequential" means near where the last one ended.
+        if not state.next_off - SEQ_SLACK <= off <= state.next_off + SEQ_SLACK:
+            # a jump: random access, only the blocks touched
             state.window = 0
             state.ahead_upto = 0
             return self._ensure(obj, b0, b1)
@@ -125,8 +137,8 @@ class Fetcher:
         token = trio.lowlevel.current_trio_token()
         marked = [f.start]
 
-        def progress(pos: int) -> None:  # in the worker thread
-            trio.from_thread.run_sync(self._arrived, obj, f, marked, pos, trio_token=token)
+        def progress(pos: int) -> None:  # in the worker thread: hand over, do not wait
+            token.run_sync_soon(self._arrived, obj, f, marked, pos)
 
         try:
             if whole:
@@ -136,6 +148,7 @@ class Fetcher:
             else:
                 await self.store.fetch_range(obj.bucket, obj.key, obj.etag, f.start * BLOCK_SIZE,
                                              min(f.end * BLOCK_SIZE, obj.size), obj.fd, progress)
+            self._arrived(obj, f, marked, min(f.end * BLOCK_SIZE, obj.size))
         except Exception as e:  # noqa: BLE001 - handed to the readers waiting on it
             f.error = e
             if isinstance(e, Changed):

@@ -211,6 +211,13 @@ class Cache:
     def pread(self, obj: CachedObject, off: int, size: int) -> bytes:
         return os.pread(obj.fd, size, off)
 
+    def advise_willneed(self, obj: CachedObject, off: int, size: int) -> None:
+        """Start reading this part of the cache file into memory, without waiting."""
+        try:
+            os.posix_fadvise(obj.fd, off, size, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
     # ------------------------------------------------------------ durability
     async def sync(self) -> None:
         """fsync the data files with new blocks, then record those blocks in the catalog."""
