@@ -27,8 +27,10 @@ INDEX_SUFFIXES = (".bai", ".csi", ".tbi", ".crai", ".fai", ".gzi")
 CHUNK = 8 << 20  # largest single ranged GET of read-ahead
 FIRST_WINDOW = 1 << 20
 MAX_WINDOW = 64 << 20
-SEQ_SLACK = 1 << 20
-DISK_AHEAD = 16 << 20  # how far ahead a sequential reader has the cache file read from disk  # how far from the previous read's end a read still counts as sequential
+# How far from the furthest read so far a read still counts as sequential: the kernel has up
+# to its read-ahead (4 MiB) of requests in flight at once, and they arrive in any order.
+SEQ_SLACK = 8 << 20
+DISK_AHEAD = 16 << 20  # how far ahead a sequential reader has the cache file read from disk
 
 
 def is_index(key: str) -> bool:
@@ -151,11 +153,8 @@ class Fetcher:
             self._arrived(obj, f, marked, min(f.end * BLOCK_SIZE, obj.size))
         except Exception as e:  # noqa: BLE001 - handed to the readers waiting on it
             f.error = e
-            if isinstance(e, Changed):
-                log.error("s3://%s/%s changed while open (ETag %s): %s", obj.bucket, obj.key,
-                          obj.etag, e)
-            elif isinstance(e, S3StashError):
-                log.warning("%s", e)
+            if isinstance(e, S3StashError):
+                log.debug("%s", e)  # reported by the read that waits for it, if any
             elif not isinstance(e, OSError):
                 log.error("fetch of s3://%s/%s failed", obj.bucket, obj.key, exc_info=True)
         finally:

@@ -35,7 +35,7 @@ def handler(fn):
             return await fn(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except (NotFound, ReadOnly) as e:
+        except (NotFound, ReadOnly, Changed) as e:  # Changed is logged by read()
             log.debug("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(e.errno) from None
         except Unreachable as e:
@@ -186,10 +186,14 @@ class Operations(pyfuse3.Operations):
         h = self._handles[fh]
         try:
             data = await self.fetcher.read(h.obj, h.state, off, size)
-        except Changed:
+        except Changed as e:
             if h.served:
+                log.error("s3://%s/%s changed while open (ETag %s); this open gets EIO: %s",
+                          h.obj.bucket, h.obj.key, h.obj.etag, e)
                 raise
             # Nothing served yet: follow the object to its new version instead of failing.
+            log.info("s3://%s/%s changed before its first read: reading the new version",
+                     h.obj.bucket, h.obj.key)
             info = await self.ns.revalidate(h.node, force=True)
             obj, _ = self.cache.open_object(h.node.bucket, h.node.key, info)
             self.cache.release(h.obj)
