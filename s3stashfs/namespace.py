@@ -72,9 +72,10 @@ class Namespace:
             raise NotFound("not a valid name")
         if parent.listing is not None and self._fresh(parent.listing_at):
             node = parent.listing.children.get(name)
-            if node is None:
+            if node is not None:
+                return node
+            if parent.kind is not Kind.ROOT:  # the bucket list may lack buckets we can use
                 raise NotFound(text)
-            return node
         neg = self._negative.get((parent.ino, name))
         if neg is not None and time.monotonic() < neg:
             raise NotFound(text)
@@ -88,8 +89,6 @@ class Namespace:
         return node
 
     async def _lookup_bucket(self, parent: Node, name: bytes, text: str) -> Node | None:
-        if self.buckets and text not in self.buckets:
-            return None
         if not await self.store.head_bucket(text):
             return None
         return self.inodes.child(parent, name, Kind.BUCKET, text, "")
