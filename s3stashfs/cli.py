@@ -198,30 +198,25 @@ def _settings_env(settings) -> dict[str, str]:
 
 
 def cmd_unmount(args) -> int:
-    from .mount import mounted_points
+    from .mount import daemon_pids, mounted_points
     real = os.path.realpath(args.mountpoint)
     fstype = mounted_points().get(real)
     if fstype is None:
         raise ConfigError(f"{args.mountpoint} is not mounted")
     if fstype != "fuse.s3stashfs":
         raise ConfigError(f"{args.mountpoint} is not an s3stashfs mount ({fstype})")
-    pid = None
-    try:
-        pid = int(os.getxattr(real, "user.s3stashfs.pid"))
-    except (OSError, ValueError):
-        pass  # a dead daemon: unmounting still works
+    pids = [p for p in daemon_pids(real) if p != os.getpid()]
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u", real] if tool else ["umount", real]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         why = (r.stderr or r.stdout).strip().splitlines()
         raise MountError(f"cannot unmount {args.mountpoint}: {why[-1] if why else 'failed'}")
-    if pid is not None:
-        deadline = time.monotonic() + UNMOUNT_TIMEOUT
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.05)
-        if _alive(pid):
-            raise MountError(f"unmounted, but daemon {pid} is still finishing; see its log")
+    deadline = time.monotonic() + UNMOUNT_TIMEOUT
+    while time.monotonic() < deadline and any(map(_alive, pids)):
+        time.sleep(0.05)
+    if any(map(_alive, pids)):
+        raise MountError(f"unmounted, but daemon {pids} is still finishing; see its log")
     return EXIT_OK
 
 

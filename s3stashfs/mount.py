@@ -18,7 +18,7 @@ from .cache import Cache
 from .config import Settings
 from .errors import ConfigError, MountError
 from .fetch import Fetcher
-from .fs import PID_XATTR, Operations
+from .fs import Operations
 from .inodes import ROOT_INODE, InodeTable, Kind
 from .namespace import Namespace
 from .store import Store
@@ -171,9 +171,7 @@ class Mount:
     async def _ready(self, on_ready) -> None:
         """Tell our parent and systemd once the mount really answers requests."""
         def probe():
-            st = os.stat(self.mountpoint)
-            os.getxattr(self.mountpoint, PID_XATTR)
-            return st.st_ino
+            return os.stat(self.mountpoint).st_ino
         ino = await trio.to_thread.run_sync(probe)
         if ino != ROOT_INODE:
             raise MountError(f"the mount at {self.mountpoint} does not answer (inode {ino})")
@@ -207,6 +205,32 @@ def raise_read_ahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
         path.write_text(f"{kb}\n")
     except OSError as e:
         log.debug("kernel read-ahead left at its default (%s: %s)", path, e.strerror)
+
+
+def daemon_pids(mountpoint: str) -> list[int]:
+    """PIDs of this user's s3stashfs daemons serving ``mountpoint`` (read from /proc)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if "mount" not in argv or not any(a.endswith("s3stashfs") for a in argv):
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry.name}/cwd")
+        except OSError:
+            continue
+        rest = argv[argv.index("mount") + 1:]
+        if any(not a.startswith("-") and os.path.normpath(os.path.join(cwd, a)) == mountpoint
+               for a in rest):
+            pids.append(int(entry.name))
+    return pids
 
 
 def serve(settings: Settings, mountpoint: Path, on_ready=lambda: None) -> None:
