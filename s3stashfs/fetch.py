@@ -25,11 +25,11 @@ SMALL_OBJECT = 1 << 20  # objects up to this size are fetched whole on first rea
 INDEX_MAX = 64 << 20  # index files up to this size are fetched whole
 INDEX_SUFFIXES = (".bai", ".csi", ".tbi", ".crai", ".fai", ".gzi")
 CHUNK = 8 << 20  # largest single ranged GET of read-ahead
+READ_AHEAD_AFTER = 512 << 10  # a sequential run gets read-ahead once it has read this much
 FIRST_WINDOW = 1 << 20
 MAX_WINDOW = 64 << 20
-# How far from the furthest read so far a read still counts as sequential: the kernel has up
-# to its read-ahead (4 MiB) of requests in flight at once, and they arrive in any order.
-SEQ_SLACK = 8 << 20
+SEQ_SLACK_MIN = 128 << 10  # how near the run's end a read must be to continue it...
+SEQ_SLACK_MAX = 8 << 20  # ...plus up to this much as the run grows (requests overtake)
 DISK_AHEAD = 16 << 20  # how far ahead a sequential reader has the cache file read from disk
 
 
@@ -38,15 +38,40 @@ def is_index(key: str) -> bool:
 
 
 class ReadState:
-    """Per open file: where the last read ended and how far ahead to fetch."""
+    """Per open file: where the last read ended, how long the sequential run is, and how far
+    ahead of it fetches were started."""
 
-    __slots__ = ("next_off", "window", "ahead_upto", "disk_upto")
+    __slots__ = ("next_off", "streak", "ahead_upto", "disk_upto")
 
     def __init__(self):
-        self.next_off = 0
-        self.window = 0
+        self.next_off = -1  # where the previous read ended; -1 before the first read
+        self.streak = 0  # bytes read sequentially in the current run
         self.ahead_upto = 0  # block up to which read-ahead has been issued
         self.disk_upto = 0  # byte up to which the kernel was asked to read the cache file
+
+    def note(self, off: int, end: int) -> bool:
+        """Record a read of [off, end); True when it continues a sequential run.
+
+        The kernel sends a sequential reader's requests concurrently, so they may arrive a
+        little out of order: "sequential" means near where the run has got to, with a margin
+        that grows with the run. A first read, or a jump, starts nothing ahead."""
+        slack = SEQ_SLACK_MIN + min(self.streak, SEQ_SLACK_MAX)
+        if self.next_off >= 0 and self.next_off - slack <= off <= self.next_off + slack:
+            self.streak += end - off
+            self.next_off = max(self.next_off, end)
+            return True
+        self.streak = 0
+        self.ahead_upto = 0
+        self.next_off = end
+        return False
+
+    @property
+    def window(self) -> int:
+        """Read-ahead: none for a short run (a region query: the kernel's own read-ahead is
+        enough), then twice what the run has read so far, up to MAX_WINDOW."""
+        if self.streak < READ_AHEAD_AFTER:
+            return 0
+        return min(MAX_WINDOW, max(FIRST_WINDOW, 2 * self.streak))
 
 
 class Fetcher:
@@ -64,15 +89,15 @@ class Fetcher:
             return b""
         end = min(off + size, obj.size)
         b0, b1 = off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1
+        sequential = state.note(off, end)
         if self.wants_whole(obj):
             if not obj.present.covers(b0, b1):
                 await self._wait(obj, b0, b1, self._ensure(obj, 0, obj.nblocks, whole=True))
         else:
-            fetches = self._schedule(obj, state, off, b0, b1)
+            fetches = self._schedule(obj, state, sequential, b0, b1)
             if not obj.present.covers(b0, b1):
                 await self._wait(obj, b0, b1, fetches)
-        state.next_off = max(state.next_off, end) if state.window else end
-        if state.window and end + DISK_AHEAD // 2 > state.disk_upto:
+        if sequential and end + DISK_AHEAD // 2 > state.disk_upto:
             # A sequential reader of cached bytes: have the kernel read the cache file ahead,
             # so that our pread finds them in memory instead of waiting for the disk.
             start = max(end, state.disk_upto)
@@ -81,19 +106,17 @@ class Fetcher:
         return self.cache.pread(obj, off, end - off)
 
     # ------------------------------------------------------------ scheduling
-    def _schedule(self, obj: CachedObject, state: ReadState, off: int, b0: int, b1: int) -> list[Fetch]:
+    def _schedule(self, obj: CachedObject, state: ReadState, sequential: bool, b0: int,
+                  b1: int) -> list[Fetch]:
         """Fetch what this read needs, plus read-ahead when the reading is sequential."""
-        # The kernel sends read-ahead requests concurrently, so a sequential reader's requests
-        # can arrive a little out of order: "sequential" means near where the last one ended.
-        if not state.next_off - SEQ_SLACK <= off <= state.next_off + SEQ_SLACK:
-            # a jump: random access, only the blocks touched
-            state.window = 0
-            state.ahead_upto = 0
+        if not sequential:  # random access: only the blocks touched
             return self._ensure(obj, b0, b1)
-        state.window = min(max(state.window * 2, FIRST_WINDOW), MAX_WINDOW)
-        target = min(b1 + state.window // BLOCK_SIZE, obj.nblocks)
+        window = state.window
+        if not window:
+            return self._ensure(obj, b0, b1)
+        target = min(b1 + window // BLOCK_SIZE, obj.nblocks)
         start = max(b0, state.ahead_upto)
-        chunk = min(CHUNK, state.window) // BLOCK_SIZE
+        chunk = max(1, min(CHUNK, window) // BLOCK_SIZE)
         # a new batch once a whole chunk of the window is free, so that GETs stay large
         if start < b1 or target - start >= chunk or (target == obj.nblocks and start < target):
             fetches = self._ensure(obj, b0, target, chunk=chunk)

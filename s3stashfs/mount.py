@@ -181,7 +181,7 @@ class Mount:
         on_ready()
 
 
-READ_AHEAD_KB = 4096
+READ_AHEAD_KB = 1024  # the largest FUSE request (256 pages)
 
 
 def _mount_device(mountpoint: Path) -> str | None:
@@ -197,8 +197,8 @@ def _mount_device(mountpoint: Path) -> str | None:
 
 
 def raise_read_ahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
-    """Let the kernel read ahead further than its 128 KiB default, so a sequential reader gets
-    1 MiB requests with several in flight. Only root may change it; others keep the default."""
+    """Let the kernel read ahead further than its 128 KiB default, so that a sequential reader
+    gets 1 MiB requests. Only root may change it; others keep the default."""
     dev = _mount_device(mountpoint)
     path = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
     try:

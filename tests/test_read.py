@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import os
+import time
 
 import pytest
 
@@ -181,3 +182,20 @@ def test_open_before_change_follows_new_version_if_nothing_served(mount, s3, buc
         assert os.pread(fd, 64 * KiB, 2 * MiB) == new.data[2 * MiB:2 * MiB + 64 * KiB]
     finally:
         os.close(fd)
+
+
+@pytest.mark.expect_log("unreachable")
+def test_unreachable_s3_gives_enetunreach_at_once(mount, s3, bucket, moto_server):
+    helpers.put_object(s3, bucket, "far.txt", b"far away\n")
+    m = mount(bucket=bucket)
+    os.listdir(m.path)
+    moto_server.stop()
+    try:
+        t = time.monotonic()
+        with pytest.raises(OSError) as e:
+            (m.path / "far.txt").read_bytes()
+        assert e.value.errno == errno.ENETUNREACH
+        assert time.monotonic() - t < 5
+    finally:
+        moto_server.start()
+    assert (m.path / "far.txt").read_bytes() == b"far away\n"
