@@ -262,3 +262,59 @@ def test_credentials_never_logged(mount, bucket, s3, s3env):
     assert s3env["AWS_SECRET_ACCESS_KEY"] not in text
     assert not re.search(r"\b%s\b" % re.escape(s3env["AWS_ACCESS_KEY_ID"]), text)
     assert "Authorization" not in text and "Signature=" not in text
+
+
+def test_read_only_flag_mounts_ro(mount, bucket, s3):
+    helpers.put_object(s3, bucket, "f.txt", b"f\n")
+    m = mount(bucket=bucket, extra_args=["--read-only"])
+    opts = [o for dev, point, fstype, o in
+            ((ln.split()[0], ln.split()[1], ln.split()[2], ln.split()[3])
+             for ln in open("/proc/mounts")) if point == str(m.path)]
+    assert opts and "ro" in opts[0].split(",")
+    assert (m.path / "f.txt").read_bytes() == b"f\n"
+    with pytest.raises(OSError) as e:
+        open(m.path / "g.txt", "w")
+    assert e.value.errno == errno.EROFS
+
+
+def test_xattrs_are_not_supported(mount, bucket, s3):
+    helpers.put_object(s3, bucket, "f.txt", b"f\n")
+    m = mount(bucket=bucket)
+    for _ in range(2):  # the kernel remembers the answer after the first time
+        with pytest.raises(OSError) as e:
+            os.getxattr(m.path / "f.txt", "user.anything")
+        assert e.value.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def test_kill_9_leaves_a_consistent_cache(mount, bucket, s3, moto_server):
+    """After the daemon is killed mid-life, a new mount on the same cache serves right bytes
+    (what the catalog had not recorded is fetched again)."""
+    size = 12 * MiB
+    obj = helpers.put_random_object(s3, bucket, "crash.bin", size)
+    m = mount(bucket=bucket)
+    assert helpers.md5_file(m.path / "crash.bin") == helpers.md5_hex(obj.data)
+    pid = m.pid
+    os.kill(pid, signal.SIGKILL)
+    helpers.wait_for(lambda: not helpers.pid_alive(pid), timeout=10, message="the daemon to die")
+    m.remount()
+    assert helpers.md5_file(m.path / "crash.bin") == helpers.md5_hex(obj.data)
+    for off in (0, 5 * MiB + 3, size - 100):
+        assert helpers.read_range(m.path / "crash.bin", off, 100) == obj.data[off:off + 100]
+
+
+def test_stray_cache_files_are_swept(mount, bucket, s3):
+    """A data file no catalog row names (a crash between creating and recording it) is
+    removed in the background after mount; files the catalog names are kept."""
+    helpers.put_object(s3, bucket, "kept.txt", b"kept\n")
+    m = mount(bucket=bucket)
+    (m.path / "kept.txt").read_bytes()
+    m.unmount()
+    kept = [os.path.join(r, n) for r, _, ns in os.walk(m.cache_dir / "data") for n in ns]
+    stray = m.cache_dir / "data" / "ab" / ("ab" + "0" * 38)
+    stray.parent.mkdir(mode=0o700, exist_ok=True)
+    stray.write_bytes(b"left over")
+    os.utime(stray, (time.time() - 3600, time.time() - 3600))
+    m.remount()
+    helpers.wait_for(lambda: not stray.exists(), timeout=20, message="the stray file to be swept")
+    assert kept and all(os.path.exists(p) for p in kept)
+    assert (m.path / "kept.txt").read_bytes() == b"kept\n"
