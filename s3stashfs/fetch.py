@@ -81,6 +81,16 @@ class Fetcher:
         self.nursery: trio.Nursery | None = None  # set by the mount: fetches outlive requests
         self.bytes_fetched = 0
 
+    def prefetch(self, obj: CachedObject) -> None:
+        """At open: a small object is wanted whole, so start its GET now, while the kernel
+        is still on its way with the first read."""
+        if self.wants_whole(obj) and obj.size and not obj.present.covers(0, obj.nblocks):
+            self._ensure(obj, 0, obj.nblocks, whole=True)
+
+    @staticmethod
+    def small(size: int) -> bool:
+        return size <= SMALL_OBJECT
+
     def wants_whole(self, obj: CachedObject) -> bool:
         return obj.size <= SMALL_OBJECT or (is_index(obj.key) and obj.size <= INDEX_MAX)
 
@@ -167,12 +177,15 @@ class Fetcher:
 
         try:
             if whole:
-                await self.store.fetch_whole(obj.bucket, obj.key, obj.etag, obj.size, obj.fd, progress)
+                fd = obj.fd if obj.fd is not None else self.cache.opener(obj)
+                fd = await self.store.fetch_whole(obj.bucket, obj.key, obj.etag, obj.size, fd, progress)
+                self.cache.adopt(obj, fd)
                 if is_md5_etag(obj.etag):
                     obj.row.verified = True
             else:
                 await self.store.fetch_range(obj.bucket, obj.key, obj.etag, f.start * BLOCK_SIZE,
-                                             min(f.end * BLOCK_SIZE, obj.size), obj.fd, progress)
+                                             min(f.end * BLOCK_SIZE, obj.size),
+                                             self.cache.ensure_open(obj), progress)
             self._arrived(obj, f, marked, min(f.end * BLOCK_SIZE, obj.size))
         except Exception as e:  # noqa: BLE001 - handed to the readers waiting on it
             f.error = e
@@ -218,7 +231,7 @@ class Fetcher:
     async def _verify(self, obj: CachedObject) -> None:
         """A single-part object assembled from ranged GETs: check the whole against its MD5."""
         try:
-            digest = await trio.to_thread.run_sync(_md5_of, obj.fd, obj.size)
+            digest = await trio.to_thread.run_sync(_md5_of, self.cache.ensure_open(obj), obj.size)
             if digest == obj.etag:
                 obj.row.verified = True
                 obj.unsynced = True

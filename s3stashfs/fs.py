@@ -23,6 +23,7 @@ from .namespace import Namespace
 
 log = logging.getLogger(__name__)
 
+SIBLING_PREFETCH = 8  # small files fetched ahead of a directory read in order
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -162,10 +163,33 @@ class Operations(pyfuse3.Operations):
         obj, same = self.cache.open_object(node.bucket, node.key, info)
         if old is not None and (old.size != info.size or old.mtime_ns != info.mtime_ns):
             self._invalidate_attrs(node)
+        self.fetcher.prefetch(obj)
+        self._prefetch_siblings(node)
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = FileHandle(node, obj)
         return pyfuse3.FileInfo(fh=fh, keep_cache=same)
+
+    def _prefetch_siblings(self, node: Node) -> None:
+        """A program reading a directory's files one after another in listing order (`cat
+        dir/*`, a loop over os.listdir) gets the next small files fetched while it works."""
+        listing = self.ns.fresh_listing(node)
+        if listing is None:
+            return
+        i, following = listing.after(node, SIBLING_PREFETCH)
+        in_order = 0 < i - listing.cursor <= 2
+        listing.cursor = i
+        if not in_order:
+            return
+        for pos, child in enumerate(following, start=i + 1):
+            if pos <= listing.ahead:
+                continue
+            listing.ahead = pos
+            info = child.info
+            if child.kind is Kind.FILE and info is not None and self.fetcher.small(info.size):
+                obj, _ = self.cache.open_object(child.bucket, child.key, info, opening=False)
+                self.fetcher.prefetch(obj)
+                self.cache.release_if_idle(obj)
 
     def _forget_entry(self, node: Node) -> None:
         """The object is gone from S3: make the kernel drop its cached name."""

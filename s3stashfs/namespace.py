@@ -35,9 +35,22 @@ def valid_name(name: str) -> bool:
 
 @dataclasses.dataclass
 class Listing:
-    """A directory's children as of one listing: name -> node, in S3's order."""
+    """A directory's children as of one listing: name -> node, in S3's order (the order
+    readdir hands them out)."""
 
     children: dict[bytes, Node]
+    _order: list[Node] | None = None
+    _index: dict[int, int] | None = None
+    cursor: int = -1  # position of the child opened last, to notice a directory read in order
+    ahead: int = -1  # position up to which children were prefetched
+
+    def after(self, node: Node, n: int) -> tuple[int, list[Node]]:
+        """(position of ``node``, the ``n`` children after it); (-1, []) if it is not here."""
+        if self._order is None:
+            self._order = list(self.children.values())
+            self._index = {c.ino: i for i, c in enumerate(self._order)}
+        i = self._index.get(node.ino, -1)
+        return i, (self._order[i + 1:i + 1 + n] if i >= 0 else [])
 
 
 class Namespace:
@@ -126,6 +139,13 @@ class Namespace:
         node.info = info
         node.info_at = time.monotonic()
         node.info_src = "head" if from_head else "list"
+
+    def fresh_listing(self, node: Node) -> Listing | None:
+        """The listing of ``node``'s directory, if it is younger than the TTL."""
+        parent = self.inodes.get(node.parent)
+        if parent.listing is not None and self._fresh(parent.listing_at):
+            return parent.listing
+        return None
 
     # ---------------------------------------------------------------- open
     async def revalidate(self, node: Node, force: bool = False) -> ObjectInfo:

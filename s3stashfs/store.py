@@ -259,25 +259,37 @@ class Store:
             self._drain(what, r["Body"], fd, start, end, progress)
         await self._run(what, self._data, call)
 
-    async def fetch_whole(self, bucket: str, key: str, etag: str, size: int, fd: int,
-                          progress: Callable[[int], None]) -> None:
+    async def fetch_whole(self, bucket: str, key: str, etag: str, size: int,
+                          fd: int | Callable[[], int], progress: Callable[[int], None]) -> int:
         """GET a whole (small) object, verify it against its ETag's MD5 (single-part uploads)
-        and S3's stored checksum (when it has one) before reporting any byte as present."""
+        and S3's stored checksum (when it has one) before reporting any byte as present.
+
+        ``fd`` may be a function that opens the file, called in the worker thread once S3 has
+        answered; the descriptor written to is returned."""
         what = f"GET s3://{bucket}/{key}"
+        opened: list[int] = []
 
         def call():
             r = self._call(what, "get_object", Bucket=bucket, Key=key, IfMatch=f'"{etag}"',
                            ChecksumMode="ENABLED")
+            if not opened:
+                opened.append(fd() if callable(fd) else fd)
             got = strip_etag(r.get("ETag", etag))
             if got != etag:
                 raise Changed(f"{what}: ETag is now {got}")
             md5 = hashlib.md5(usedforsecurity=False)
-            self._drain(what, r["Body"], fd, 0, size, None, md5)
+            self._drain(what, r["Body"], opened[0], 0, size, None, md5)
             kms = r.get("ServerSideEncryption") == "aws:kms" or r.get("SSECustomerAlgorithm")
             if is_md5_etag(etag) and not kms and md5.hexdigest() != etag:
                 raise ChecksumMismatch(f"{what}: MD5 {md5.hexdigest()} does not match ETag {etag}")
             progress(size)
-        await self._run(what, self._data, call)
+        try:
+            await self._run(what, self._data, call)
+        except BaseException:
+            if opened and callable(fd):
+                os.close(opened[0])
+            raise
+        return opened[0]
 
     def _drain(self, what, body, fd, start, end, progress, digest=None):
         pos = start
