@@ -199,3 +199,35 @@ def test_unreachable_s3_gives_enetunreach_at_once(mount, s3, bucket, moto_server
     finally:
         moto_server.start()
     assert (m.path / "far.txt").read_bytes() == b"far away\n"
+
+
+def test_directory_read_in_order_prefetches_next_small_files(mount, s3, bucket, moto_server):
+    objs = [helpers.put_random_object(s3, bucket, f"set/f{i:02d}", 4 * KiB, seed=100 + i)
+            for i in range(20)]
+    m = mount(bucket=bucket)
+    names = os.listdir(m.path / "set")
+    assert names == [f"f{i:02d}" for i in range(20)]
+    mark = moto_server.mark()
+    for o in objs[:3]:
+        assert (m.path / o.key).read_bytes() == o.data
+    moto_server.wait_quiet()
+    fetched = {g.key for g in gets_for_any(moto_server, mark)}
+    # the three read, and the next ones (up to 8 ahead of the last read), nothing further
+    assert {o.key for o in objs[:3 + 8]} == fetched
+    mark = moto_server.mark()
+    for o in objs[3:11]:
+        assert (m.path / o.key).read_bytes() == o.data
+    moto_server.wait_quiet()
+    assert not [r for r in moto_server.requests_since(mark) if r.key in {o.key for o in objs[3:10]}
+                and r.op == "GetObject"]
+    # a file read out of order starts nothing
+    m2 = mount(bucket=bucket)
+    os.listdir(m2.path / "set")
+    mark = moto_server.mark()
+    assert (m2.path / "set" / "f15").read_bytes() == objs[15].data
+    moto_server.wait_quiet()
+    assert {g.key for g in gets_for_any(moto_server, mark)} == {"set/f15"}
+
+
+def gets_for_any(moto_server, mark):
+    return moto_server.requests_since(mark, op="GetObject")
