@@ -12,19 +12,27 @@ which the caller makes safe to call from a thread.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
+import email.utils
 import hashlib
 import logging
 import os
 import random
 import re
+import urllib.parse
+import zlib
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
 import boto3
 import botocore.exceptions as bexc
+import botocore.httpsession
 import trio
+import urllib3
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
@@ -119,7 +127,7 @@ def _classify(e: BaseException, what: str) -> S3StashError:
     if isinstance(e, bexc.FlexibleChecksumError):
         return ChecksumMismatch(f"{what}: {e}")
     if isinstance(e, (bexc.ConnectionError, bexc.HTTPClientError, bexc.ResponseStreamingError,
-                      ConnectionError, TimeoutError)):
+                      urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)):
         return Unreachable(f"{what}: {type(e).__name__}: {e}")
     if isinstance(e, bexc.BotoCoreError):
         return StoreError(f"{what}: {e}")
@@ -128,8 +136,137 @@ def _classify(e: BaseException, what: str) -> S3StashError:
     return StoreError(f"{what}: {type(e).__name__}: {e}")
 
 
+class _Direct:
+    """Signed GET and HEAD requests sent straight through urllib3, for the data path.
+
+    botocore spends about 1 ms of CPU on each call in generic machinery (endpoint rules, event
+    hooks, response parsing): more than the request itself on a fast network, and the daemon's
+    one Python core is the limit when a directory of small files is read. A GET or HEAD of one
+    key needs none of it: the URL is the endpoint plus the bucket and the quoted key, signed with
+    SigV4 by botocore's own signer. Anything unusual (no credentials, a proxy, a redirect to
+    another region) is left to botocore (``None`` is returned, or ``Fallback`` raised)."""
+
+    class Fallback(Exception):
+        pass
+
+    def __init__(self, client, session, style: str, timeouts: tuple[float, float], pool_size: int):
+        from urllib.request import getproxies, proxy_bypass
+        self._session = session
+        url = urllib.parse.urlsplit(client.meta.endpoint_url)
+        self._scheme, self._host = url.scheme, url.netloc
+        self._region = client.meta.region_name or "us-east-1"
+        self._path_style = style == "path"
+        self._slow_buckets: set[str] = set()
+        self.enabled = not (getproxies() and not proxy_bypass(url.hostname or ""))
+        self._pool = urllib3.PoolManager(
+            num_pools=4, maxsize=pool_size, retries=False, block=False,
+            timeout=urllib3.Timeout(connect=timeouts[0], read=timeouts[1]),
+            ca_certs=botocore.httpsession.get_cert_path(True))
+
+    def _url(self, bucket: str, key: str) -> str | None:
+        if bucket in self._slow_buckets:
+            return None
+        path = urllib.parse.quote(key, safe="/~")
+        virtual = not self._path_style and re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", bucket)
+        if virtual:
+            return f"{self._scheme}://{bucket}.{self._host}/{path}"
+        return f"{self._scheme}://{self._host}/{bucket}/{path}"
+
+    def request(self, method: str, bucket: str, key: str, headers: dict[str, str]):
+        """The urllib3 response (body not read), or None when botocore must do this call."""
+        url = self._url(bucket, key) if self.enabled else None
+        creds = self._session.get_credentials() if url else None
+        if creds is None:
+            return None
+        req = AWSRequest(method=method, url=url, headers={**headers, "User-Agent": _USER_AGENT})
+        S3SigV4Auth(creds.get_frozen_credentials(), "s3", self._region).add_auth(req)
+        r = self._pool.request(method, url, headers=dict(req.headers.items()),
+                               preload_content=False, decode_content=False, redirect=False)
+        if r.status in (301, 302, 307, 400):  # another region, or something botocore handles
+            r.drain_conn()
+            r.release_conn()
+            self._slow_buckets.add(bucket)
+            log.debug("s3://%s: answered %d to a direct request; using botocore", bucket, r.status)
+            raise self.Fallback()
+        return r
+
+
+class _DirectBody:
+    """The body of a direct response, read like botocore's StreamingBody."""
+
+    def __init__(self, r):
+        self._r = r
+
+    def read(self, n: int) -> bytes:
+        return self._r.read(n, decode_content=False)
+
+    def close(self) -> None:
+        self._r.release_conn()
+
+
+def _direct_result(r, what: str) -> dict:
+    """A direct response as the dict botocore would give, or the domain error its status means."""
+    h = r.headers
+    if r.status not in (200, 206):
+        code = str(r.status)
+        try:
+            body = r.read(64 * 1024, decode_content=False)
+            m = re.search(rb"<Code>([^<]+)</Code>", body)
+            if m:
+                code = m.group(1).decode()
+        finally:
+            r.release_conn()
+        if r.status == 304:
+            code = "304"
+        raise _classify(bexc.ClientError({"Error": {"Code": code, "Message": ""},
+                                          "ResponseMetadata": {"HTTPStatusCode": r.status}},
+                                         what.split()[0]), what)
+    meta = {k[len("x-amz-meta-"):].lower(): v for k, v in h.items()
+            if k.lower().startswith("x-amz-meta-")}
+    out = {"ETag": h.get("ETag", ""), "ContentLength": int(h.get("Content-Length", 0)),
+           "Metadata": meta, "ServerSideEncryption": h.get("x-amz-server-side-encryption"),
+           "SSECustomerAlgorithm": h.get("x-amz-server-side-encryption-customer-algorithm"),
+           "Body": _DirectBody(r)}
+    lm = h.get("Last-Modified")
+    if lm:
+        out["LastModified"] = email.utils.parsedate_to_datetime(lm)
+    for algo in CHECKSUMS:
+        v = h.get(f"x-amz-checksum-{algo.lower()}")
+        if v:
+            out[f"Checksum{algo}"] = v
+    return out
+
+
+CHECKSUMS = ("CRC32", "SHA1", "SHA256")
+_USER_AGENT = f"s3stashfs (direct; urllib3/{urllib3.__version__})"
+
+
+def _checksum_digests(response: dict) -> list[tuple[str, str, object]]:
+    """(name, expected, running digest) for each full-object checksum S3 gave that we can check
+    ourselves (composite checksums of multipart uploads, "...-N", are not of the whole)."""
+    out = []
+    for algo in CHECKSUMS:
+        expected = response.get(f"Checksum{algo}")
+        if not expected or "-" in expected:
+            continue
+        out.append((algo, expected, _Crc32() if algo == "CRC32" else hashlib.new(algo.lower())))
+    return out
+
+
+class _Crc32:
+    def __init__(self):
+        self.value = 0
+
+    def update(self, data) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
 class Store:
-    """One boto3 client shared by all worker threads (clients are thread-safe)."""
+    """One boto3 client shared by all worker threads (clients are thread-safe), and a direct
+    path for GET and HEAD of keys (see ``_Direct``)."""
 
     def __init__(self, settings, data_threads: int = 12, meta_threads: int = 8,
                  connect_timeout: float = 3.0, read_timeout: float = 20.0):
@@ -157,6 +294,8 @@ class Store:
         session._session.get_component("response_parser_factory").set_parser_defaults(
             timestamp_parser=_parse_timestamp)
         self._client = session.client("s3", endpoint_url=settings.endpoint_url, config=config)
+        self._direct = _Direct(self._client, session, style, (connect_timeout, read_timeout),
+                               data_threads + meta_threads + 2)
         self._data = trio.CapacityLimiter(data_threads)
         self._meta = trio.CapacityLimiter(meta_threads)
         self.requests = 0  # calls made, for status and tests
@@ -179,6 +318,25 @@ class Store:
                 delay = min(delay * 3, 5.0)
         raise AssertionError("unreachable")
 
+    def _object_call(self, what: str, method: str, bucket: str, key: str,
+                     headers: dict[str, str], **kwargs) -> dict:
+        """GET or HEAD of one key: the direct path when it can, botocore otherwise. ``headers``
+        (direct) and ``kwargs`` (botocore) say the same thing in each one's words."""
+        try:
+            r = self._direct.request("GET" if method == "get_object" else "HEAD", bucket, key, headers)
+        except _Direct.Fallback:
+            r = None
+        except Exception as e:  # noqa: BLE001 - classified, never swallowed
+            raise _classify(e, what) from e
+        if r is None:
+            return self._call(what, method, Bucket=bucket, Key=key, **kwargs)
+        if method == "head_object":
+            try:
+                return _direct_result(r, what)
+            finally:
+                r.release_conn()
+        return _direct_result(r, what)
+
     def _call(self, what: str, method: str, **kwargs):
         try:
             return getattr(self._client, method)(**kwargs)
@@ -200,7 +358,7 @@ class Store:
 
         def call():
             try:
-                return self._info_from_head(self._call(what, "head_object", Bucket=bucket, Key=key))
+                return self._info_from_head(self._object_call(what, "head_object", bucket, key, {}))
             except NotFound:
                 return None
         return await self._run(what, self._meta, call)
@@ -251,8 +409,9 @@ class Store:
         what = f"GET s3://{bucket}/{key} bytes={start}-{end - 1}"
 
         def call():
-            r = self._call(what, "get_object", Bucket=bucket, Key=key,
-                           Range=f"bytes={start}-{end - 1}", IfMatch=f'"{etag}"')
+            r = self._object_call(what, "get_object", bucket, key,
+                                  {"Range": f"bytes={start}-{end - 1}", "If-Match": f'"{etag}"'},
+                                  Range=f"bytes={start}-{end - 1}", IfMatch=f'"{etag}"')
             got = strip_etag(r.get("ETag", etag))
             if got != etag:
                 raise Changed(f"{what}: ETag is now {got}")
@@ -270,18 +429,24 @@ class Store:
         opened: list[int] = []
 
         def call():
-            r = self._call(what, "get_object", Bucket=bucket, Key=key, IfMatch=f'"{etag}"',
-                           ChecksumMode="ENABLED")
+            r = self._object_call(what, "get_object", bucket, key,
+                                  {"If-Match": f'"{etag}"', "x-amz-checksum-mode": "ENABLED"},
+                                  IfMatch=f'"{etag}"', ChecksumMode="ENABLED")
             if not opened:
                 opened.append(fd() if callable(fd) else fd)
             got = strip_etag(r.get("ETag", etag))
             if got != etag:
+                r["Body"].close()
                 raise Changed(f"{what}: ETag is now {got}")
             md5 = hashlib.md5(usedforsecurity=False)
-            self._drain(what, r["Body"], opened[0], 0, size, None, md5)
+            checks = _checksum_digests(r)
+            self._drain(what, r["Body"], opened[0], 0, size, None, md5, [d for _, _, d in checks])
             kms = r.get("ServerSideEncryption") == "aws:kms" or r.get("SSECustomerAlgorithm")
             if is_md5_etag(etag) and not kms and md5.hexdigest() != etag:
                 raise ChecksumMismatch(f"{what}: MD5 {md5.hexdigest()} does not match ETag {etag}")
+            for algo, expected, digest in checks:
+                if base64.b64encode(digest.digest()).decode() != expected:
+                    raise ChecksumMismatch(f"{what}: {algo} does not match S3's {expected}")
             progress(size)
         try:
             await self._run(what, self._data, call)
@@ -291,7 +456,7 @@ class Store:
             raise
         return opened[0]
 
-    def _drain(self, what, body, fd, start, end, progress, digest=None):
+    def _drain(self, what, body, fd, start, end, progress, digest=None, more_digests=()):
         pos = start
         try:
             while True:
@@ -307,6 +472,8 @@ class Store:
                     view = view[n:]
                 if digest is not None:
                     digest.update(chunk)
+                for d in more_digests:
+                    d.update(chunk)
                 if progress is not None:
                     progress(pos)
         except S3StashError:

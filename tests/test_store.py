@@ -35,6 +35,7 @@ class FakeClient:
 def make_store(tmp_path, client):
     s = Store(config.load({}, {"HOME": str(tmp_path)}))
     s._client = client
+    s._direct.enabled = False  # the stand-in client answers everything
     return s
 
 
