@@ -231,3 +231,17 @@ def test_directory_read_in_order_prefetches_next_small_files(mount, s3, bucket, 
 
 def gets_for_any(moto_server, mark):
     return moto_server.requests_since(mark, op="GetObject")
+
+
+def test_whole_fetch_asks_for_and_checks_s3_checksum(mount, s3, bucket, moto_server):
+    data = helpers.random_bytes(200 * KiB, seed=12)
+    s3.put_object(Bucket=bucket, Key="summed.bin", Body=data, ChecksumAlgorithm="CRC32")
+    head = s3.head_object(Bucket=bucket, Key="summed.bin", ChecksumMode="ENABLED")
+    assert head.get("ChecksumCRC32"), "moto should store the CRC32"
+    m = mount(bucket=bucket)
+    mark = moto_server.mark()
+    assert (m.path / "summed.bin").read_bytes() == data
+    gets = moto_server.requests_since(mark, op="GetObject", key="summed.bin")
+    assert len(gets) == 1 and gets[0].range is None
+    assert {k.lower(): v for k, v in gets[0].headers.items()}.get("x-amz-checksum-mode") == "ENABLED"
+    assert gets[0].if_match

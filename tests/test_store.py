@@ -23,13 +23,15 @@ class FakeClient:
         self.data, self.etag = data, etag
         self.calls = []
 
+    extra: dict = {}
+
     def get_object(self, **kw):
         self.calls.append(kw)
         data = self.data
         if "Range" in kw:
             a, b = kw["Range"].removeprefix("bytes=").split("-")
             data = data[int(a):int(b) + 1]
-        return {"ETag": f'"{self.etag}"', "Body": Body(data)}
+        return {"ETag": f'"{self.etag}"', "Body": Body(data), **self.extra}
 
 
 def make_store(tmp_path, client):
@@ -125,3 +127,20 @@ def test_errno_mapping_is_in_one_place():
 ])
 def test_meta_mtime(value, ns):
     assert parse_meta_mtime(value) == ns
+
+
+def crc32_b64(data: bytes) -> str:
+    import base64
+    import zlib
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def test_whole_fetch_checks_s3_crc32(tmp_path):
+    data = os.urandom(5000)
+    client = FakeClient(data, "abc-2")  # a multipart ETag: no MD5 to check, the CRC32 decides
+    client.extra = {"ChecksumCRC32": crc32_b64(data)}
+    got, _ = run_fetch(make_store(tmp_path, client), tmp_path, "abc-2", len(data))
+    assert got == data
+    client.extra = {"ChecksumCRC32": crc32_b64(data + b"x")}
+    with pytest.raises(errors.ChecksumMismatch, match="CRC32"):
+        run_fetch(make_store(tmp_path, client), tmp_path, "abc-2", len(data))
