@@ -203,7 +203,14 @@ class Fetcher:
                     and not obj.verifying and self.nursery is not None):
                 obj.verifying = True
                 self.nursery.start_soon(self._verify, obj)
+            self._release(obj)
+
+    def _release(self, obj: CachedObject) -> None:
+        """A background task is done with ``obj``; its failure must not end the mount."""
+        try:
             self.cache.release_if_idle(obj)
+        except Exception:  # noqa: BLE001
+            log.exception("recording s3://%s/%s in the cache failed", obj.bucket, obj.key)
 
     def _arrived(self, obj: CachedObject, f: Fetch, marked: list[int], pos: int) -> None:
         upto = obj.nblocks if pos >= obj.size else pos // BLOCK_SIZE
@@ -239,9 +246,11 @@ class Fetcher:
                 log.error("s3://%s/%s: cached bytes have MD5 %s, not the ETag %s: dropped",
                           obj.bucket, obj.key, digest, obj.etag)
                 obj.drop_all()
+        except OSError as e:
+            log.error("s3://%s/%s: cannot verify the cached bytes: %s", obj.bucket, obj.key, e)
         finally:
             obj.verifying = False
-            self.cache.release_if_idle(obj)
+            self._release(obj)
 
 
 def _fresh_copy(e: BaseException) -> BaseException:

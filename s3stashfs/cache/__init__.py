@@ -12,6 +12,7 @@ import errno
 import hashlib
 import logging
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -234,7 +235,10 @@ class Cache:
     # ------------------------------------------------------------ durability
     async def sync(self) -> None:
         """fsync the data files with new blocks, then record those blocks in the catalog."""
-        objs = [o for o in list(self._objects.values()) + list(self._retired) if o.unsynced]
+        # an object whose file a fetching thread has opened but not yet handed over waits for
+        # the next round
+        objs = [o for o in list(self._objects.values()) + list(self._retired)
+                if o.unsynced and o.fd is not None]
         if not objs:
             return
         snaps = []
@@ -265,13 +269,17 @@ class Cache:
                 await trio.sleep(SYNC_INTERVAL)
                 try:
                     await self.sync()
-                except OSError as e:
+                except (OSError, sqlite3.Error) as e:  # retried next round; the mount goes on
                     log.error("syncing the cache failed: %s", e)
 
     async def _sweep(self) -> None:
         started = time.time()
-        known = self.catalog.all_files()
-        removed = await trio.to_thread.run_sync(_sweep_files, self.dir, known, started)
+        try:
+            known = self.catalog.all_files()
+            removed = await trio.to_thread.run_sync(_sweep_files, self.dir, known, started)
+        except (OSError, sqlite3.Error) as e:
+            log.error("sweeping the cache directory failed: %s", e)
+            return
         if removed:
             log.info("removed %d cache files no catalog row named", removed)
 
