@@ -185,7 +185,9 @@ def _settings_env(settings) -> dict[str, str]:
            "S3STASHFS_LOG_LEVEL": settings.log_level,
            "S3STASHFS_READ_ONLY": "1" if settings.read_only else "0",
            "S3STASHFS_ALLOW_OTHER": "1" if settings.allow_other else "0",
-           "S3STASHFS_ADDRESSING_STYLE": settings.addressing_style}
+           "S3STASHFS_ADDRESSING_STYLE": settings.addressing_style,
+           "S3STASHFS_MULTIPART_THRESHOLD_MB": str(settings.multipart_threshold_mb),
+           "S3STASHFS_PART_SIZE_MB": str(settings.part_size_mb)}
     for name, key in (("endpoint_url", "S3STASHFS_ENDPOINT_URL"), ("region", "S3STASHFS_REGION"),
                       ("profile", "S3STASHFS_PROFILE")):
         if getattr(settings, name):

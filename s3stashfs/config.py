@@ -43,6 +43,8 @@ class Settings:
     allow_other: bool = False
     foreground: bool = False
     addressing_style: str = "auto"
+    multipart_threshold_mb: int = 8  # files larger than this are uploaded in parts
+    part_size_mb: int = 8  # grown as needed so that an object fits in 10,000 parts
     # AWS_* lines of the env file, handed to boto3's credential chain; never logged.
     aws_env: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
 
@@ -116,6 +118,16 @@ def _parse_style(v: str) -> str:
     return v
 
 
+def _mib(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError("must be a whole number of MiB") from None
+    if not 5 <= n <= 5120:
+        raise ValueError("must be between 5 and 5120 MiB (S3's part size limits)")
+    return n
+
+
 def _nonempty(v: str) -> str:
     if not v.strip():
         raise ValueError("must not be empty")
@@ -141,6 +153,8 @@ _SPECS: dict[str, tuple[Callable[[str], Any], str]] = {
     "read_only": (_parse_bool, "S3STASHFS_READ_ONLY"),
     "allow_other": (_parse_bool, "S3STASHFS_ALLOW_OTHER"),
     "addressing_style": (_parse_style, "S3STASHFS_ADDRESSING_STYLE"),
+    "multipart_threshold_mb": (_mib, "S3STASHFS_MULTIPART_THRESHOLD_MB"),
+    "part_size_mb": (_mib, "S3STASHFS_PART_SIZE_MB"),
 }
 _ENV_KEYS = {env for _, env in _SPECS.values()} | {ENV_FILE_VAR}
 

@@ -30,6 +30,24 @@ class ReadOnly(S3StashError):
     errno = errno.EROFS
 
 
+class InvalidName(S3StashError):
+    """A name that cannot become a key component (see namespace.valid_name)."""
+
+    errno = errno.EINVAL
+
+
+class Exists(S3StashError):
+    errno = errno.EEXIST
+
+
+class NotEmpty(S3StashError):
+    errno = errno.ENOTEMPTY
+
+
+class NotSupported(S3StashError):
+    errno = errno.ENOTSUP
+
+
 class Unreachable(S3StashError):
     """S3 could not be reached (connection refused or reset, DNS failure, timeout)."""
 

@@ -87,6 +87,14 @@ class Fetcher:
         if self.wants_whole(obj) and obj.size and not obj.present.covers(0, obj.nblocks):
             self._ensure(obj, 0, obj.nblocks, whole=True)
 
+    async def fetch_all(self, obj: CachedObject) -> None:
+        """Bring all of the object into the cache (before it is changed locally)."""
+        if obj.present.covers(0, obj.nblocks):
+            return
+        whole = self.wants_whole(obj)
+        fetches = self._ensure(obj, 0, obj.nblocks, whole=whole, chunk=CHUNK // BLOCK_SIZE)
+        await self._wait(obj, 0, obj.nblocks, fetches)
+
     @staticmethod
     def small(size: int) -> bool:
         return size <= SMALL_OBJECT

@@ -16,15 +16,18 @@ import time
 import pyfuse3
 
 from .cache import Cache, CachedObject
-from .errors import Changed, NotFound, ReadOnly, S3StashError, Unreachable, errno_for
+from .errors import (Changed, Exists, IsADirectory, NotADirectory, NotEmpty, NotFound,
+                     NotSupported, ReadOnly, S3StashError, Unreachable, errno_for)
 from .fetch import Fetcher, ReadState
 from .inodes import InodeTable, Kind, Node
 from .namespace import Namespace
+from .store import meta_mtime
+from .uploads import Uploader
 
 log = logging.getLogger(__name__)
 
 SIBLING_PREFETCH = 8  # small files fetched ahead of a directory read in order
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 
 
 def handler(fn):
@@ -35,7 +38,8 @@ def handler(fn):
             return await fn(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except (NotFound, ReadOnly, Changed) as e:  # Changed is logged by read()
+        except (NotFound, ReadOnly, Changed, Exists, NotEmpty, NotADirectory, IsADirectory,
+                NotSupported) as e:  # expected answers; Changed is logged by read()
             log.debug("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(e.errno) from None
         except Unreachable as e:
@@ -57,21 +61,23 @@ def handler(fn):
 
 
 class FileHandle:
-    __slots__ = ("node", "obj", "state", "served")
+    __slots__ = ("node", "obj", "state", "served", "writable")
 
-    def __init__(self, node: Node, obj: CachedObject):
+    def __init__(self, node: Node, obj: CachedObject, writable: bool = False):
         self.node = node
         self.obj = obj
         self.state = ReadState()
         self.served = False  # no byte handed out yet: a version change can still be followed
+        self.writable = writable
 
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
     def __init__(self, inodes: InodeTable, ns: Namespace, cache: Cache, fetcher: Fetcher,
-                 ttl: float, read_only: bool = False):
+                 uploader: Uploader, ttl: float, read_only: bool = False):
         super().__init__()
+        self.uploader = uploader
         self.inodes = inodes
         self.ns = ns
         self.cache = cache
@@ -94,11 +100,20 @@ class Operations(pyfuse3.Operations):
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_blksize = 128 * 1024
         if node.kind is Kind.FILE:
-            a.st_mode = stat.S_IFREG | 0o644
+            info = node.info
+            local = self.cache.current(node.bucket, node.key)
+            if local is not None and local.dirty:
+                size, mtime, meta = local.size, local.row.mtime_ns, local.row.metadata or {}
+            elif info is not None:
+                size, mtime, meta = info.size, info.mtime_ns, dict(info.metadata)
+            else:
+                size, mtime, meta = 0, self.started_ns, {}
+            a.st_mode = stat.S_IFREG | (_meta_int(meta, "mode", 0o644) & 0o7777)
+            a.st_uid = _meta_int(meta, "uid", self.uid)
+            a.st_gid = _meta_int(meta, "gid", self.gid)
             a.st_nlink = 1
-            a.st_size = node.info.size if node.info is not None else 0
-            a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = (
-                node.info.mtime_ns if node.info is not None else self.started_ns)
+            a.st_size = size
+            a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = mtime
         else:
             a.st_mode = stat.S_IFDIR | 0o755
             a.st_nlink = 1  # unknown subdirectory count: tells find(1) not to skip any
@@ -149,26 +164,64 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------ files
     @handler
     async def open(self, inode, flags, ctx):
-        if flags & _WRITE_FLAGS:
-            raise ReadOnly("writes are not supported yet")
+        writing = bool(flags & _WRITE_FLAGS)
+        if writing:
+            self._writable()
         node = self.inodes.get(inode)
         if node.kind is not Kind.FILE:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        old = node.info
-        try:
-            info = await self.ns.revalidate(node)
-        except NotFound:
-            self._forget_entry(node)
-            raise
-        obj, same = self.cache.open_object(node.bucket, node.key, info)
-        if old is not None and (old.size != info.size or old.mtime_ns != info.mtime_ns):
+        if writing and flags & os.O_TRUNC:
+            obj = await self._truncated(node)
+            self.ns.local_changed(node, obj)
             self._invalidate_attrs(node)
-        self.fetcher.prefetch(obj)
-        self._prefetch_siblings(node)
+            same = False
+        else:
+            old = node.info
+            try:
+                info = await self.ns.revalidate(node)
+            except NotFound:
+                self._forget_entry(node)
+                raise
+            obj, same = self.cache.open_object(node.bucket, node.key, info)
+            if old is not None and (old.size != info.size or old.mtime_ns != info.mtime_ns):
+                self._invalidate_attrs(node)
+            if writing:  # changing an object means having all of it
+                try:
+                    await self.fetcher.fetch_all(obj)
+                except BaseException:
+                    self.cache.release(obj)
+                    raise
+                self.cache.make_local(obj)
+                self.ns.local_changed(node, obj)
+            else:
+                self.fetcher.prefetch(obj)
+                self._prefetch_siblings(node)
+        return pyfuse3.FileInfo(fh=self._new_handle(node, obj, writing), keep_cache=same)
+
+    def _new_handle(self, node: Node, obj: CachedObject, writable: bool) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = FileHandle(node, obj)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=same)
+        self._handles[fh] = FileHandle(node, obj, writable)
+        if writable:
+            obj.writers += 1
+        return fh
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnly("mounted read-only")
+
+    async def _truncated(self, node: Node) -> CachedObject:
+        """The object, emptied locally (O_TRUNC), opened once."""
+        obj = self.cache.current(node.bucket, node.key)
+        if obj is not None and obj.dirty:
+            async with obj.lock:
+                os.ftruncate(self.cache.ensure_open(obj), 0)
+                obj.changed_locally(0)
+            obj.opens += 1
+            return obj
+        obj = self.cache.create_local(node.bucket, node.key)
+        obj.opens += 1
+        return obj
 
     def _prefetch_siblings(self, node: Node) -> None:
         """A program reading a directory's files one after another in listing order (`cat
@@ -227,18 +280,204 @@ class Operations(pyfuse3.Operations):
         return data
 
     @handler
+    async def write(self, fh, off, buf):
+        h = self._handles[fh]
+        if not h.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        obj = h.obj
+        async with obj.lock:  # not while an upload reads the file
+            fd = self.cache.ensure_open(obj)
+            view = memoryview(buf)
+            pos = off
+            while view:
+                n = os.pwrite(fd, view, pos)
+                pos += n
+                view = view[n:]
+            obj.changed_locally(max(obj.size, off + len(buf)))
+        return len(buf)
+
+    @handler
     async def flush(self, fh):
-        return None
+        """close() (and each dup'ed close): upload what changed, and report how it went."""
+        h = self._handles.get(fh)
+        if h is not None and h.writable:
+            try:
+                await self.uploader.upload(h.obj)
+            finally:
+                self.ns.local_changed(h.node, h.obj)
 
     @handler
     async def fsync(self, fh, datasync):
-        return None
+        await self.flush(fh)
 
     @handler
     async def release(self, fh):
         h = self._handles.pop(fh, None)
         if h is not None:
+            if h.writable:
+                h.obj.writers -= 1
+                self.ns.local_changed(h.node, h.obj)
+                self.uploader.kick()
             self.cache.release(h.obj)
+
+    # ------------------------------------------------------------ namespace changes
+    @handler
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        self._writable()
+        parent = self.inodes.get(parent_inode)
+        text = self.ns.check_new_name(parent, name)
+        existing = await self._maybe_lookup(parent, name)
+        if existing is not None and existing.kind.is_dir:
+            raise IsADirectory(text)
+        node = self.ns.added(parent, name, Kind.FILE, parent.key + text)
+        obj = self.cache.create_local(node.bucket, node.key)
+        obj.row.metadata = _mode_meta(mode, ctx)
+        obj.opens += 1
+        self.ns.local_changed(node, obj)
+        fh = self._new_handle(node, obj, True)
+        self.inodes.incref(node)
+        return pyfuse3.FileInfo(fh=fh), self.attrs(node)
+
+    async def _maybe_lookup(self, parent: Node, name: bytes) -> Node | None:
+        try:
+            return await self.ns.lookup(parent, name)
+        except NotFound:
+            return None
+
+    @handler
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        self._writable()
+        parent = self.inodes.get(parent_inode)
+        text = self.ns.check_new_name(parent, name)
+        if await self._maybe_lookup(parent, name) is not None:
+            raise Exists(text)
+        await self.ns.store.put_marker(parent.bucket, parent.key + text + "/")
+        node = self.ns.added(parent, name, Kind.DIR, parent.key + text + "/")
+        self.inodes.incref(node)
+        return self.attrs(node)
+
+    @handler
+    async def rmdir(self, parent_inode, name, ctx):
+        self._writable()
+        parent = self.inodes.get(parent_inode)
+        node = await self.ns.lookup(parent, name)
+        if not node.kind.is_dir:
+            raise NotADirectory(repr(node))
+        if not await self.ns.is_empty(node):
+            raise NotEmpty(repr(node))
+        await self.ns.store.delete_object(node.bucket, node.key)
+        self.ns.removed(parent, name)
+
+    @handler
+    async def unlink(self, parent_inode, name, ctx):
+        self._writable()
+        parent = self.inodes.get(parent_inode)
+        node = await self.ns.lookup(parent, name)
+        if node.kind.is_dir:
+            raise IsADirectory(repr(node))
+        local = self.cache.current(node.bucket, node.key)
+        never_uploaded = local is not None and local.dirty and not local.etag
+        if not never_uploaded:
+            await self.ns.store.delete_object(node.bucket, node.key)
+        self.cache.forget_object(node.bucket, node.key)
+        self.ns.removed(parent, name)
+
+    @handler
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        self._writable()
+        node = self.inodes.get(inode)
+        if node.kind is not Kind.FILE:
+            if fields.update_size:
+                raise IsADirectory(repr(node))
+            return self.attrs(node)  # directories are prefixes: nothing to keep
+        h = self._handles.get(fh) if fh is not None else None
+        if fields.update_size:
+            await self._resize(node, h, attr.st_size)
+        meta = {}
+        if fields.update_mtime:
+            meta["mtime"] = attr.st_mtime_ns
+        if fields.update_mode:
+            meta["mode"] = stat.S_IFREG | (attr.st_mode & 0o7777)
+        if fields.update_uid:
+            meta["uid"] = attr.st_uid
+        if fields.update_gid:
+            meta["gid"] = attr.st_gid
+        if meta:
+            await self._set_meta(node, h, meta)
+        return self.attrs(node)
+
+    async def _resize(self, node: Node, h: FileHandle | None, size: int) -> None:
+        if h is not None and h.writable:
+            obj = h.obj
+        else:
+            info = await self.ns.revalidate(node)
+            obj, _ = self.cache.open_object(node.bucket, node.key, info)
+            try:
+                if size > 0:
+                    await self.fetcher.fetch_all(obj)
+                self.cache.make_local(obj)
+            except BaseException:
+                self.cache.release(obj)
+                raise
+        try:
+            async with obj.lock:
+                os.ftruncate(self.cache.ensure_open(obj), size)
+                obj.changed_locally(size)
+            if obj.writers == 0:  # truncate(2) of a closed file: S3 must have it now
+                await self.uploader.upload(obj)
+        finally:
+            self.ns.local_changed(node, obj)
+            if h is None or not h.writable:
+                self.cache.release(obj)
+
+    async def _set_meta(self, node: Node, h: FileHandle | None, changes: dict[str, int]) -> None:
+        """utimens, chmod, chown: kept as x-amz-meta-* the s3fs way. A file with local changes
+        takes them with its upload; an unchanged one is updated in place, without re-upload."""
+        local = self.cache.current(node.bucket, node.key)
+        if local is not None and local.dirty:
+            meta = dict(local.row.metadata or {})
+            for k, v in changes.items():
+                if k == "mtime":
+                    local.row.mtime_ns = v
+                else:
+                    meta[k] = str(v)
+            local.row.metadata = meta
+            local.changed_meta()
+            try:
+                if local.writers == 0:
+                    await self.uploader.upload(local)
+            finally:
+                self.ns.local_changed(node, local)
+            return
+        info = await self.ns.revalidate(node, force=True)
+        if info.size > 5 << 30:
+            raise NotSupported("metadata of objects over 5 GiB cannot be changed in place yet")
+        meta = dict(info.metadata)
+        for k, v in changes.items():
+            meta[k] = str(v) if k != "mtime" else meta_mtime(v)
+        etag = await self.ns.store.replace_metadata(node.bucket, node.key, info.etag, meta)
+        await self.ns.revalidate(node, force=True)
+        self.cache.retag(node.bucket, node.key, info.etag, etag, meta)
+
+    @handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._writable()
+        # Not yet: mv(1) falls back to copy and unlink on EXDEV.
+        raise pyfuse3.FUSEError(errno.EXDEV)
+
+    @handler
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)  # S3 has no hard links
+
+    @handler
+    async def symlink(self, parent_inode, name, target, ctx):
+        self._writable()
+        raise NotSupported("symbolic links are not supported yet")
+
+    @handler
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self._writable()
+        raise NotSupported("only regular files and directories can be created")
 
     # ------------------------------------------------------------ the rest
     @handler
@@ -253,8 +492,16 @@ class Operations(pyfuse3.Operations):
     # No getxattr/listxattr: answering ENOSYS once makes the kernel stop asking, so `ls -l`
     # of 10,000 files does not cost 20,000 round trips for security.selinux and ACL names.
 
-    async def _read_only(self, *args):
-        raise pyfuse3.FUSEError(errno.EROFS)
 
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
-    write = create = setxattr = removexattr = _read_only
+
+def _meta_int(meta: dict, name: str, default: int) -> int:
+    try:
+        return int(meta[name])
+    except (KeyError, ValueError):
+        return default
+
+
+def _mode_meta(mode: int, ctx) -> dict[str, str]:
+    """A new file's mode, owner and group, recorded the s3fs way."""
+    return {"mode": str(stat.S_IFREG | (mode & 0o7777 & ~ctx.umask)), "uid": str(ctx.uid),
+            "gid": str(ctx.gid)}

@@ -22,6 +22,7 @@ from .fs import Operations
 from .inodes import ROOT_INODE, InodeTable, Kind
 from .namespace import Namespace
 from .store import Store
+from .uploads import Uploader
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,10 @@ class Mount:
         self.inodes = InodeTable(*root)
         self.ns = Namespace(self.store, self.cache, self.inodes, settings.metadata_ttl, settings.buckets)
         self.fetcher = Fetcher(self.store, self.cache)
-        self.ops = Operations(self.inodes, self.ns, self.cache, self.fetcher, settings.metadata_ttl,
-                              settings.read_only)
+        self.uploader = Uploader(self.store, self.cache, settings.multipart_threshold_mb << 20,
+                                 settings.part_size_mb << 20)
+        self.ops = Operations(self.inodes, self.ns, self.cache, self.fetcher, self.uploader,
+                              settings.metadata_ttl, settings.read_only)
 
     def fuse_options(self) -> set[str]:
         opts = set(pyfuse3.default_options)
@@ -147,6 +150,8 @@ class Mount:
             async with trio.open_nursery() as nursery:
                 self.fetcher.nursery = nursery
                 await nursery.start(self.cache.run)
+                if not self.settings.read_only:
+                    await nursery.start(self.uploader.run)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._ready, on_ready)
                 await pyfuse3.main()

@@ -18,7 +18,7 @@ import time
 import trio
 
 from .cache import Cache
-from .errors import NotADirectory, NotFound
+from .errors import Denied, InvalidName, NotADirectory, NotFound
 from .inodes import InodeTable, Kind, Node
 from .store import ObjectInfo, Store
 
@@ -43,6 +43,9 @@ class Listing:
     _index: dict[int, int] | None = None
     cursor: int = -1  # position of the child opened last, to notice a directory read in order
     ahead: int = -1  # position up to which children were prefetched
+
+    def forget_order(self) -> None:
+        self._order = self._index = None
 
     def after(self, node: Node, n: int) -> tuple[int, list[Node]]:
         """(position of ``node``, the ``n`` children after it); (-1, []) if it is not here."""
@@ -92,6 +95,11 @@ class Namespace:
         neg = self._negative.get((parent.ino, name))
         if neg is not None and time.monotonic() < neg:
             raise NotFound(text)
+        local = self.cache.current(parent.bucket, parent.key + text) if parent.kind is not Kind.ROOT else None
+        if local is not None and local.dirty:
+            node = self.inodes.child(parent, name, Kind.FILE, parent.bucket, parent.key + text)
+            self._set_info(node, local_info(local), from_head=True)
+            return node
         node = await (self._lookup_bucket(parent, name, text) if parent.kind is Kind.ROOT
                       else self._lookup_key(parent, name, text))
         if node is None:
@@ -151,6 +159,9 @@ class Namespace:
     async def revalidate(self, node: Node, force: bool = False) -> ObjectInfo:
         """The object's current version, for open(): a fresh listing's word, the HEAD of the
         lookup just made, or a new HEAD."""
+        local = self.cache.current(node.bucket, node.key)
+        if local is not None and local.dirty:
+            return local_info(local)  # local changes win until they are uploaded
         fresh = node.info is not None and self._fresh(node.info_at)
         if not force and fresh and node.info_src in ("list", "head"):
             if node.info_src == "head":
@@ -218,4 +229,59 @@ class Namespace:
             child = self.inodes.child(node, name.encode(), Kind.FILE, bucket, key)
             self._set_info(child, info)
             children[name.encode()] = child
+        for obj in self.cache.local_objects():  # written here, not yet (all) in S3
+            rest = obj.key[len(prefix):]
+            if obj.bucket == bucket and obj.key.startswith(prefix) and "/" not in rest and rest:
+                child = self.inodes.child(node, rest.encode(), Kind.FILE, bucket, obj.key)
+                self._set_info(child, local_info(obj), from_head=True)
+                children.setdefault(rest.encode(), child)
         return children
+
+    # ---------------------------------------------------------------- changes
+    def check_new_name(self, parent: Node, name: bytes) -> str:
+        if not parent.kind.is_dir or parent.kind is Kind.ROOT:
+            raise Denied("only files and directories inside a bucket can be created")
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidName("names must be UTF-8") from None
+        if not valid_name(text):
+            raise InvalidName(f"{text!r} cannot be a key component")
+        return text
+
+    def added(self, parent: Node, name: bytes, kind: Kind, key: str) -> Node:
+        """A file or directory made through the mount: it is in the listing at once."""
+        node = self.inodes.child(parent, name, kind, parent.bucket, key)
+        self._negative.pop((parent.ino, name), None)
+        if parent.listing is not None:
+            parent.listing.children[name] = node
+            parent.listing.forget_order()
+        return node
+
+    def removed(self, parent: Node, name: bytes) -> None:
+        if parent.listing is not None and parent.listing.children.pop(name, None) is not None:
+            parent.listing.forget_order()
+        if self.ttl > 0:
+            self._negative[(parent.ino, name)] = time.monotonic() + self.ttl
+        node = self.inodes.existing_child(parent, name)
+        if node is not None:
+            node.info = None
+            node.listing = None
+
+    def local_changed(self, node: Node, obj) -> None:
+        """The file's local version changed or was uploaded: it is what the file looks like."""
+        self._set_info(node, local_info(obj), from_head=True)
+
+    async def is_empty(self, node: Node) -> bool:
+        page = await self.store.list_page(node.bucket, node.key, max_keys=2)
+        if page.prefixes or any(k != node.key for k in page.keys):
+            return False
+        return not any(o.bucket == node.bucket and o.key.startswith(node.key)
+                       for o in self.cache.local_objects())
+
+
+def local_info(obj) -> ObjectInfo:
+    """What a file with local changes looks like: its local size and mtime."""
+    meta = tuple(sorted((obj.row.metadata or {}).items()))
+    return ObjectInfo(etag=obj.etag, size=obj.size, last_modified_ns=obj.row.mtime_ns,
+                      mtime_ns=obj.row.mtime_ns, metadata=meta, from_head=True)

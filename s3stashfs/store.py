@@ -102,6 +102,23 @@ def _parse_timestamp(value):
     return botocore_parse_timestamp(value)
 
 
+def _pread_all(fd: int, off: int, size: int) -> bytes:
+    parts, pos = [], off
+    while pos < off + size:
+        b = os.pread(fd, off + size - pos, pos)
+        if not b:
+            raise StoreError(f"cache file is shorter than expected ({pos - off} of {size} bytes)")
+        parts.append(b)
+        pos += len(b)
+    return b"".join(parts)
+
+
+def meta_mtime(ns: int) -> str:
+    """x-amz-meta-mtime as s3fs writes it (whole seconds), with a fraction only when needed."""
+    sec, frac = divmod(ns, 1_000_000_000)
+    return f"{sec}" if not frac else f"{sec}.{frac:09d}"
+
+
 def _ns(dt) -> int:
     return int(dt.timestamp() * 1_000_000_000) if dt is not None else 0
 
@@ -488,6 +505,95 @@ class Store:
             body.close()
         if pos != end:
             raise Changed(f"{what}: got {pos - start} bytes, expected {end - start}")
+
+    # ---------------------------------------------------------------- changes
+    async def put_file(self, bucket: str, key: str, fd: int, size: int,
+                       metadata: dict[str, str]) -> str:
+        """PUT the first ``size`` bytes of ``fd`` as one object. Content-MD5 makes S3 check what
+        it received, and the ETag it answers must be that MD5. Returns the new ETag."""
+        what = f"PUT s3://{bucket}/{key}"
+
+        def call():
+            data = _pread_all(fd, 0, size)
+            md5 = hashlib.md5(data, usedforsecurity=False)
+            r = self._call(what, "put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata,
+                           ContentMD5=base64.b64encode(md5.digest()).decode())
+            etag = strip_etag(r.get("ETag", ""))
+            if is_md5_etag(etag) and etag != md5.hexdigest():
+                raise ChecksumMismatch(f"{what}: S3 stored MD5 {etag}, we sent {md5.hexdigest()}")
+            return etag
+        return await self._run(what, self._data, call)
+
+    async def multipart_upload(self, bucket: str, key: str, fd: int, size: int, part_size: int,
+                               metadata: dict[str, str]) -> str:
+        """Upload ``fd`` in parts sent in parallel, each with its Content-MD5; the ETag S3 gives
+        the whole must be the one its parts' MD5s make. Aborted on any failure."""
+        what = f"multipart upload of s3://{bucket}/{key}"
+        r = await self._run(what, self._meta, lambda: self._call(
+            what, "create_multipart_upload", Bucket=bucket, Key=key, Metadata=metadata))
+        upload_id = r["UploadId"]
+        starts = list(range(0, size, part_size)) or [0]
+        digests: list[bytes] = [b""] * len(starts)
+        etags: list[str] = [""] * len(starts)
+
+        async def part(i: int, start: int) -> None:
+            n = i + 1
+            part_what = f"{what}, part {n}"
+
+            def call():
+                data = _pread_all(fd, start, min(part_size, size - start))
+                md5 = hashlib.md5(data, usedforsecurity=False)
+                rr = self._call(part_what, "upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
+                                PartNumber=n, Body=data,
+                                ContentMD5=base64.b64encode(md5.digest()).decode())
+                etag = strip_etag(rr.get("ETag", ""))
+                if etag != md5.hexdigest():
+                    raise ChecksumMismatch(f"{part_what}: S3 stored MD5 {etag}")
+                return md5.digest(), etag
+            digests[i], etags[i] = await self._run(part_what, self._data, call)
+
+        try:
+            async with trio.open_nursery() as n:
+                for i, start in enumerate(starts):
+                    n.start_soon(part, i, start)
+            parts = [{"ETag": f'"{e}"', "PartNumber": i + 1} for i, e in enumerate(etags)]
+            r = await self._run(what, self._meta, lambda: self._call(
+                what, "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
+                MultipartUpload={"Parts": parts}))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._run(what, self._meta, lambda: self._call(
+                        what, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id),
+                        attempts=1)
+                except S3StashError as e:
+                    log.warning("%s: could not abort: %s", what, e)
+            raise
+        etag = strip_etag(r.get("ETag", ""))
+        expected = f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(starts)}"
+        if etag != expected:
+            raise ChecksumMismatch(f"{what}: S3 made ETag {etag}, the parts make {expected}")
+        return etag
+
+    async def replace_metadata(self, bucket: str, key: str, etag: str,
+                               metadata: dict[str, str]) -> str:
+        """Change an object's metadata in place (CopyObject onto itself, REPLACE), only if it is
+        still version ``etag``; the content is not uploaded again. Returns the new ETag."""
+        what = f"COPY s3://{bucket}/{key} (metadata)"
+        r = await self._run(what, self._meta, lambda: self._call(
+            what, "copy_object", Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": key},
+            CopySourceIfMatch=f'"{etag}"', MetadataDirective="REPLACE", Metadata=metadata))
+        return strip_etag(r.get("CopyObjectResult", {}).get("ETag", ""))
+
+    async def put_marker(self, bucket: str, key: str) -> None:
+        what = f"PUT s3://{bucket}/{key}"
+        await self._run(what, self._meta, lambda: self._call(
+            what, "put_object", Bucket=bucket, Key=key, Body=b""))
+
+    async def delete_object(self, bucket: str, key: str) -> None:
+        what = f"DELETE s3://{bucket}/{key}"
+        await self._run(what, self._meta, lambda: self._call(
+            what, "delete_object", Bucket=bucket, Key=key))
 
     # ---------------------------------------------------------------- start-up
     def check_access(self, bucket: str | None, buckets: tuple[str, ...]) -> None:

@@ -67,6 +67,15 @@ class CachedObject:
         self.verifying = False
         self.syncing = False
         self.last_access = row.last_access
+        # local changes (writes through the mount): see Cache.make_local
+        self.gen = 0  # bumped by every change to the local bytes
+        self.uploaded_gen = 0  # the generation S3 has
+        self.writers = 0  # handles open for writing
+        self.row_changed = False  # the row itself (size, dirty, etag) must be written
+        self.unlinked = False  # deleted while open: its later flushes upload nothing
+        self.lock = trio.Lock()  # an upload reads the file: writes wait for it
+        self.retry_at = 0.0
+        self.retry_delay = 0.0
 
     bucket = property(lambda self: self.row.bucket)
     key = property(lambda self: self.row.key)
@@ -98,9 +107,28 @@ class CachedObject:
         self.unsynced = True
         self.wake()
 
+    @property
+    def dirty(self) -> bool:
+        return self.row.dirty
+
     def idle(self) -> bool:
+        """Nothing holds it in memory: not open, fetching, unsynced, or dirty."""
         return (self.opens == 0 and not self.inflight and not self.unsynced and not self.verifying
-                and not self.syncing)
+                and not self.syncing and not self.row.dirty and not self.row_changed)
+
+    def changed_locally(self, new_size: int) -> None:
+        """The local bytes changed (a write, a truncate): all of it is present by definition."""
+        self.row.size = new_size
+        self.present = RangeSet([(0, self.nblocks)])
+        self.row.mtime_ns = time.time_ns()
+        self.changed_meta()
+
+    def changed_meta(self) -> None:
+        """Something S3 must learn changed locally (bytes, or metadata of a dirty file)."""
+        self.row.dirty = True
+        self.gen += 1
+        self.row_changed = True
+        self.unsynced = True
 
 
 class Cache:
@@ -130,9 +158,11 @@ class Cache:
         ETag, whose bytes are now dropped (so the kernel's page cache must be dropped too)."""
         obj = self._objects.get((bucket, key))
         same = True
-        if obj is None:
+        if obj is not None and obj.dirty:
+            pass  # local changes win over S3's version until they are uploaded
+        elif obj is None:
             row = self.catalog.get(self.origin, bucket, key)
-            if row is not None and row.etag == info.etag:
+            if row is not None and (row.etag == info.etag or row.dirty):
                 obj = CachedObject(row, self.dir / row.file)
             else:
                 same = False
@@ -150,6 +180,85 @@ class Cache:
             obj.row.metadata, obj.row.mtime_ns = dict(info.metadata), info.mtime_ns
             self.catalog.set_metadata(obj.row.id, info.mtime_ns, obj.row.metadata)
         return obj, same
+
+    # ------------------------------------------------------------ local changes
+    def create_local(self, bucket: str, key: str) -> CachedObject:
+        """A new, empty local version of ``key`` (create, or open with O_TRUNC), replacing any
+        cached one; based on the ETag the cache knew, if any."""
+        old = self._objects.get((bucket, key))
+        base = old.row if old is not None else self.catalog.get(self.origin, bucket, key)
+        row = Row(id=None, origin=self.origin, bucket=bucket, key=key,
+                  etag=base.etag if base is not None else "", size=0, mtime_ns=time.time_ns(),
+                  metadata=base.metadata if base is not None else None,
+                  file=data_name(self.origin, bucket, key, "local", os.urandom(8).hex()),
+                  block_size=BLOCK_SIZE, dirty=True, last_access=time.time())
+        self.catalog.put(row)
+        if old is not None:
+            self._retire(old)
+        if base is not None and base.file != row.file:
+            self._unlink(base.file)
+        obj = CachedObject(row, self.dir / row.file)
+        obj.gen = 1
+        self._objects[(bucket, key)] = obj
+        self.ensure_open(obj)
+        return obj
+
+    def make_local(self, obj: CachedObject) -> None:
+        """A complete cached version becomes the local one that writes change."""
+        if not obj.row.dirty:
+            obj.row.dirty = True
+            obj.row_changed = True
+            obj.unsynced = True
+
+    def uploaded(self, obj: CachedObject, gen: int, etag: str) -> None:
+        """S3 now has generation ``gen`` of the local bytes, as ``etag``."""
+        obj.row.etag = etag
+        obj.uploaded_gen = gen
+        if obj.gen == gen:
+            obj.row.dirty = False
+            obj.row.verified = True
+            obj.retry_delay = 0.0
+        obj.row_changed = True
+        obj.unsynced = True
+
+    def retag(self, bucket: str, key: str, old_etag: str, etag: str, metadata: dict) -> None:
+        """The object's metadata changed in place: same bytes, new ETag; keep what is cached."""
+        obj = self._objects.get((bucket, key))
+        row = obj.row if obj is not None else self.catalog.get(self.origin, bucket, key)
+        if row is None or row.etag != old_etag or row.dirty:
+            return
+        row.etag, row.metadata = etag, dict(metadata)
+        if obj is not None:
+            obj.row_changed = obj.unsynced = True
+        else:
+            self.catalog.put(row)
+
+    def forget_object(self, bucket: str, key: str) -> None:
+        """The object is gone (unlinked): drop its row and data file. An open descriptor keeps
+        working on the unlinked file."""
+        obj = self._objects.pop((bucket, key), None)
+        if obj is not None:
+            obj.unlinked = True
+            obj.row.dirty = False
+            obj.row_changed = False
+            self._retire(obj)
+        row = self.catalog.get(self.origin, bucket, key)
+        if row is not None:
+            self.catalog.delete(row.id)
+            self._unlink(row.file)
+
+    def local_objects(self) -> list[CachedObject]:
+        return [o for o in self._objects.values() if o.dirty]
+
+    def load_dirty(self) -> list[CachedObject]:
+        """At mount: every object with local changes not yet in S3 (after a crash too)."""
+        for row in self.catalog.dirty_rows(self.origin):
+            if (row.bucket, row.key) not in self._objects:
+                obj = CachedObject(row, self.dir / row.file)
+                obj.present = RangeSet([(0, obj.nblocks)])
+                obj.gen = 1
+                self._objects[(row.bucket, row.key)] = obj
+        return self.local_objects()
 
     def _new_version(self, bucket, key, info: ObjectInfo, old: Row | None) -> CachedObject:
         row = Row(id=None, origin=self.origin, bucket=bucket, key=key, etag=info.etag,
@@ -233,6 +342,18 @@ class Cache:
             pass
 
     # ------------------------------------------------------------ durability
+    async def sync_one(self, obj: CachedObject) -> None:
+        """Make one object's local bytes and row durable now (before an upload is tried)."""
+        obj.syncing = True
+        try:
+            await trio.to_thread.run_sync(os.fsync, self.ensure_open(obj))
+            obj.row.ranges = obj.present.to_bytes()
+            obj.row.complete = obj.complete
+            self.catalog.put(obj.row)
+            obj.row_changed = False
+        finally:
+            obj.syncing = False
+
     async def sync(self) -> None:
         """fsync the data files with new blocks, then record those blocks in the catalog."""
         # an object whose file a fetching thread has opened but not yet handed over waits for
@@ -243,17 +364,26 @@ class Cache:
             return
         snaps = []
         for o in objs:
-            snaps.append((o, o.present.copy(), o.complete, o.row.verified, o.last_access))
+            snaps.append((o, o.present.copy(), o.complete, o.row.verified, o.last_access,
+                          o.row_changed))
             o.unsynced = False
+            o.row_changed = False
             o.syncing = True  # keep the descriptor open while the thread fsyncs it
         try:
             fds = [o.fd for o in objs]
             await trio.to_thread.run_sync(_fsync_all, fds, self._dir_fd)
+            for o, r, c, v, a, whole in snaps:
+                if whole and o.current and not o.unlinked:
+                    o.row.ranges = r.to_bytes()
+                    o.row.complete, o.row.last_access = c, a
+                    self.catalog.put(o.row)
             self.catalog.update_state([(o.row.id, r.to_bytes(), c, v, a)
-                                       for o, r, c, v, a in snaps if o.current])
+                                       for o, r, c, v, a, whole in snaps
+                                       if o.current and not whole and o.row.id is not None])
         except BaseException:
-            for o in objs:
+            for o, *_, whole in snaps:
                 o.unsynced = True
+                o.row_changed |= whole
             raise
         finally:
             for o in objs:

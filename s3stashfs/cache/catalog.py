@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS objects (
     UNIQUE (origin, bucket, key)
 );
 CREATE INDEX IF NOT EXISTS objects_access ON objects (last_access);
+CREATE INDEX IF NOT EXISTS objects_dirty ON objects (dirty) WHERE dirty = 1;
 """
 
 
@@ -136,6 +137,10 @@ class Catalog:
             "SELECT key, etag, mtime_ns FROM objects WHERE origin=? AND bucket=? AND key>=? AND key<?"
             " AND metadata IS NOT NULL", (origin, bucket, prefix, hi))
         return {k: (e, m) for k, e, m in rows}
+
+    def dirty_rows(self, origin: str) -> list[Row]:
+        return [self._row(r) for r in self._db.execute(
+            f"SELECT {','.join(_COLS)} FROM objects WHERE origin=? AND dirty=1", (origin,))]
 
     def all_files(self) -> set[str]:
         return {f for (f,) in self._db.execute("SELECT file FROM objects")}
