@@ -207,7 +207,7 @@ class Fetcher:
                 if obj.inflight.get(blk) is f:
                     del obj.inflight[blk]
             obj.wake()
-            if (obj.complete and not obj.row.verified and is_md5_etag(obj.etag)
+            if (obj.complete and not obj.row.verified and is_md5_etag(obj.etag) and not obj.dirty
                     and not obj.verifying and self.nursery is not None):
                 obj.verifying = True
                 self.nursery.start_soon(self._verify, obj)
@@ -246,8 +246,11 @@ class Fetcher:
     async def _verify(self, obj: CachedObject) -> None:
         """A single-part object assembled from ranged GETs: check the whole against its MD5."""
         try:
+            gen = obj.gen
             digest = await trio.to_thread.run_sync(_md5_of, self.cache.ensure_open(obj), obj.size)
-            if digest == obj.etag:
+            if obj.dirty or obj.gen != gen:
+                pass  # changed locally meanwhile: these bytes are no longer S3's to check
+            elif digest == obj.etag:
                 obj.row.verified = True
                 obj.unsynced = True
             else:

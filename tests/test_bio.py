@@ -7,6 +7,8 @@ the index whole and only the blocks of the BAM they touch, not the file.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 
 import pytest
@@ -136,3 +138,24 @@ def test_tabix_and_zcat_through_the_mount(mount, bucket, s3, moto_server, vcf_fi
         )
         assert r.returncode == 0, r.stderr.decode(errors="replace")
         assert r.stdout == vcf.vcf.read_bytes(), tool
+
+
+def test_samtools_sort_and_tabix_write_into_the_mount(mount, s3, bucket, bam_files, vcf_files, tmp_path):
+    """Tools write straight into the mount; what they write equals a local run's output."""
+    m = mount(bucket=bucket)
+    os.mkdir(m.path / "out")
+    local = tmp_path / "local"
+    local.mkdir()
+    for out in (local, m.path / "out"):
+        r = subprocess.run(["samtools", "sort", "--no-PG", "-o", str(out / "x.sorted.bam"),
+                            str(bam_files.bam)], capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        shutil.copy(vcf_files.vcf_gz, out / "calls.vcf.gz")
+        r = subprocess.run(["tabix", "-p", "vcf", str(out / "calls.vcf.gz")], capture_output=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+    for name in ("x.sorted.bam", "calls.vcf.gz", "calls.vcf.gz.tbi"):
+        want = (local / name).read_bytes()
+        assert (m.path / "out" / name).read_bytes() == want, name
+        assert s3.get_object(Bucket=bucket, Key=f"out/{name}")["Body"].read() == want, name
+    assert sorted(os.listdir(m.path / "out")) == ["calls.vcf.gz", "calls.vcf.gz.tbi", "x.sorted.bam"]

@@ -1,0 +1,281 @@
+"""Writes through a real mount against the real moto_server: each test checks the mount AND the
+object in S3 (with boto3)."""
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+
+import pytest
+
+import helpers
+from helpers import KiB, MiB
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def s3_bytes(s3, bucket, key) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def s3_keys(s3, bucket, prefix=""):
+    return set(helpers.list_keys(s3, bucket, prefix))
+
+
+def sh(cmd, cwd):
+    return subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("size", [0, 1, 5 * MiB, 150 * MiB])
+def test_files_of_every_size_reach_s3(mount, s3, bucket, tmp_path, size):
+    data = helpers.random_bytes(size, seed=size)
+    local = tmp_path / "src.bin"
+    local.write_bytes(data)
+    m = mount(bucket=bucket)
+    os.mkdir(m.path / "out")
+    r = sh(f"cp {local} {m.path}/out/f.bin", tmp_path)
+    assert r.returncode == 0, r.stderr
+    # in S3 when cp returns
+    head = s3.head_object(Bucket=bucket, Key="out/f.bin")
+    assert head["ContentLength"] == size
+    assert hashlib.md5(s3_bytes(s3, bucket, "out/f.bin")).hexdigest() == helpers.md5_hex(data)
+    if size > 8 * MiB:
+        assert head["ETag"].strip('"').endswith(f"-{-(-size // (8 * MiB))}")  # parallel multipart
+    assert helpers.md5_file(m.path / "out" / "f.bin") == helpers.md5_hex(data)
+    assert "mtime" in head["Metadata"]
+
+
+def test_shell_redirects_append_and_shorter_overwrite(mount, s3, bucket):
+    m = mount(bucket=bucket)
+    assert sh("echo hello > log.txt && echo world >> log.txt", m.path).returncode == 0
+    assert (m.path / "log.txt").read_bytes() == b"hello\nworld\n"
+    assert s3_bytes(s3, bucket, "log.txt") == b"hello\nworld\n"
+    assert sh("echo hi > log.txt", m.path).returncode == 0
+    assert (m.path / "log.txt").read_bytes() == b"hi\n"
+    assert s3_bytes(s3, bucket, "log.txt") == b"hi\n"
+
+
+def test_existing_object_changed_in_the_middle(mount, s3, bucket):
+    obj = helpers.put_random_object(s3, bucket, "data.bin", 3 * MiB + 5, seed=3)
+    m = mount(bucket=bucket)
+    patch = b"PATCHED!" * 1000
+    r = subprocess.run(["dd", f"of={m.path / 'data.bin'}", "bs=1", f"seek={1 * MiB + 3}",
+                        "conv=notrunc", "status=none"], input=patch, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    want = bytearray(obj.data)
+    want[1 * MiB + 3:1 * MiB + 3 + len(patch)] = patch
+    assert s3_bytes(s3, bucket, "data.bin") == bytes(want)
+    assert (m.path / "data.bin").read_bytes() == bytes(want)
+
+
+def test_holes_read_as_zeros(mount, s3, bucket):
+    m = mount(bucket=bucket)
+    fd = os.open(m.path / "sparse.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"end", 1 * MiB)
+    finally:
+        os.close(fd)
+    want = b"\0" * MiB + b"end"
+    assert (m.path / "sparse.bin").read_bytes() == want
+    assert s3_bytes(s3, bucket, "sparse.bin") == want
+
+
+def test_truncate_down_and_up_on_closed_and_open_files(mount, s3, bucket):
+    helpers.put_object(s3, bucket, "t.txt", b"0123456789")
+    m = mount(bucket=bucket)
+    os.truncate(m.path / "t.txt", 4)
+    assert s3_bytes(s3, bucket, "t.txt") == b"0123"
+    os.truncate(m.path / "t.txt", 8)
+    assert s3_bytes(s3, bucket, "t.txt") == b"0123\0\0\0\0"
+    with open(m.path / "t.txt", "r+b") as f:
+        f.truncate(2)
+        f.seek(0, 2)
+        f.write(b"xy")
+    assert (m.path / "t.txt").read_bytes() == b"01xy"
+    assert s3_bytes(s3, bucket, "t.txt") == b"01xy"
+
+
+def test_second_descriptor_sees_unclosed_writes(mount, s3, bucket):
+    m = mount(bucket=bucket)
+    with open(m.path / "shared.txt", "wb", buffering=0) as w:
+        w.write(b"not yet closed")
+        assert (m.path / "shared.txt").read_bytes() == b"not yet closed"
+
+
+def test_dup_flushes_upload_once_per_change(mount, s3, bucket, moto_server):
+    m = mount(bucket=bucket)
+    mark = moto_server.mark()
+    fd = os.open(m.path / "dup.txt", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"once")
+    fd2 = os.dup(fd)
+    os.close(fd)  # flush: uploads
+    os.close(fd2)  # flush again: nothing new
+    puts = moto_server.requests_since(mark, op="PutObject", key="dup.txt")
+    assert len(puts) == 1
+    assert s3_bytes(s3, bucket, "dup.txt") == b"once"
+
+
+def test_reading_back_costs_no_download(mount, s3, bucket, moto_server):
+    m = mount(bucket=bucket)
+    data = helpers.random_bytes(2 * MiB, seed=9)
+    (m.path / "back.bin").write_bytes(data)
+    mark = moto_server.mark()
+    assert (m.path / "back.bin").read_bytes() == data
+    moto_server.wait_quiet()
+    assert moto_server.requests_since(mark, op="GetObject") == []
+
+
+def test_directories_mkdir_rmdir_and_errors(mount, s3, bucket):
+    m = mount(bucket=bucket)
+    os.mkdir(m.path / "new")
+    assert "new/" in s3_keys(s3, bucket)  # a marker: empty directories persist
+    with pytest.raises(FileExistsError):
+        os.mkdir(m.path / "new")
+    (m.path / "new" / "f.txt").write_bytes(b"x")
+    with pytest.raises(OSError) as e:
+        os.rmdir(m.path / "new")
+    assert e.value.errno == errno.ENOTEMPTY
+    os.unlink(m.path / "new" / "f.txt")
+    os.rmdir(m.path / "new")
+    assert s3_keys(s3, bucket, "new") == set()
+    assert not (m.path / "new").exists()
+
+
+def test_rm_rf_of_a_tree(mount, s3, bucket):
+    for k in ("tree/a.txt", "tree/sub/b.txt", "tree/sub/deeper/c.txt", "tree/empty/"):
+        helpers.put_object(s3, bucket, k, b"" if k.endswith("/") else k.encode())
+    m = mount(bucket=bucket)
+    r = sh("rm -rf tree", m.path)
+    assert r.returncode == 0, r.stderr
+    assert s3_keys(s3, bucket, "tree") == set()
+    assert not (m.path / "tree").exists()
+
+
+def test_unlink_while_open_keeps_descriptor_working(mount, s3, bucket):
+    helpers.put_object(s3, bucket, "u.txt", b"still here")
+    m = mount(bucket=bucket)
+    fd = os.open(m.path / "u.txt", os.O_RDONLY)
+    try:
+        os.unlink(m.path / "u.txt")
+        assert not (m.path / "u.txt").exists()
+        assert "u.txt" not in s3_keys(s3, bucket)
+        assert os.pread(fd, 100, 0) == b"still here"
+    finally:
+        os.close(fd)
+    assert "u.txt" not in s3_keys(s3, bucket)
+
+
+@pytest.mark.parametrize("name", ["with space.txt", "ünïcødé ✓.txt", "#%+?*&=:;[]{}()$.txt"])
+def test_names_with_spaces_unicode_and_punctuation(mount, s3, bucket, name):
+    m = mount(bucket=bucket)
+    (m.path / name).write_bytes(name.encode())
+    assert s3_bytes(s3, bucket, name) == name.encode()
+    assert name in os.listdir(m.path)
+    m.remount()
+    assert (m.path / name).read_bytes() == name.encode()
+
+
+def test_mtime_mode_and_owner_survive_remount(mount, s3, bucket, tmp_path):
+    src = tmp_path / "src.txt"
+    src.write_bytes(b"stamped")
+    os.utime(src, (1500000000, 1500000000))
+    m = mount(bucket=bucket)
+    assert sh(f"cp --preserve=timestamps {src} {m.path}/copy.txt", tmp_path).returncode == 0
+    helpers.put_object(s3, bucket, "old.txt", b"old")
+    assert sh(f"touch -d 2020-01-01T00:00:00Z {m.path}/old.txt", tmp_path).returncode == 0
+    os.chmod(m.path / "old.txt", 0o640)
+    os.chown(m.path / "old.txt", 1234, 5678)
+    etag_before = s3.head_object(Bucket=bucket, Key="old.txt")["ETag"]
+    m.remount()
+    assert os.stat(m.path / "copy.txt").st_mtime == 1500000000
+    st = os.stat(m.path / "old.txt")
+    assert st.st_mtime == 1577836800
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o640, 1234, 5678)
+    meta = s3.head_object(Bucket=bucket, Key="old.txt")["Metadata"]
+    assert (meta["mtime"], meta["uid"], meta["gid"]) == ("1577836800", "1234", "5678")
+    assert int(meta["mode"]) & 0o7777 == 0o640
+    assert s3_bytes(s3, bucket, "old.txt") == b"old"
+    assert s3.head_object(Bucket=bucket, Key="old.txt")["ETag"] == etag_before  # not re-uploaded
+
+
+def test_concurrent_writers(mount, s3, bucket):
+    m = mount(bucket=bucket)
+    datas = {f"c/{i}.bin": helpers.random_bytes(1 * MiB + i, seed=i) for i in range(6)}
+    os.mkdir(m.path / "c")
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda kv: (m.path / kv[0]).write_bytes(kv[1]), datas.items()))
+    for k, d in datas.items():
+        assert s3_bytes(s3, bucket, k) == d
+    # disjoint ranges of one file
+    size = 4 * MiB
+    fd = os.open(m.path / "one.bin", os.O_RDWR | os.O_CREAT, 0o644)
+    parts = [helpers.random_bytes(size // 4, seed=50 + i) for i in range(4)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: os.pwrite(fd, parts[i], i * (size // 4)), range(4)))
+    finally:
+        os.close(fd)
+    assert s3_bytes(s3, bucket, "one.bin") == b"".join(parts)
+
+
+def test_hard_links_refused_cleanly(mount, s3, bucket):
+    helpers.put_object(s3, bucket, "h.txt", b"h")
+    m = mount(bucket=bucket)
+    with pytest.raises(OSError) as e:
+        os.link(m.path / "h.txt", m.path / "h2.txt")
+    assert e.value.errno in (errno.EPERM, errno.ENOTSUP)
+
+
+def test_mv_within_the_mount_works(mount, s3, bucket):
+    """rename(2) answers EXDEV for now, so mv(1) copies and unlinks."""
+    m = mount(bucket=bucket)
+    (m.path / "part.tmp").write_bytes(b"result")
+    r = sh("mv part.tmp part.csv", m.path)
+    assert r.returncode == 0, r.stderr
+    assert s3_bytes(s3, bucket, "part.csv") == b"result"
+    assert "part.tmp" not in s3_keys(s3, bucket)
+
+
+@pytest.mark.expect_log("unreachable", "upload of .* failed")
+def test_server_down_close_fails_and_data_reaches_s3_later(mount, s3, bucket, moto_server):
+    m = mount(bucket=bucket)
+    os.listdir(m.path)
+    moto_server.stop()
+    try:
+        f = open(m.path / "later.txt", "wb")
+        f.write(b"written while S3 was away")
+        with pytest.raises(OSError) as e:
+            f.close()
+        assert e.value.errno == errno.ENETUNREACH
+        # the data is still there, in the mount
+        assert (m.path / "later.txt").read_bytes() == b"written while S3 was away"
+    finally:
+        moto_server.start()
+    helpers.wait_for(lambda: "later.txt" in s3_keys(s3, bucket), timeout=90,
+                     message="the pending upload to reach S3 after the server came back")
+    assert s3_bytes(s3, bucket, "later.txt") == b"written while S3 was away"
+
+
+@pytest.mark.expect_log("unreachable", "upload of .* failed")
+def test_kill_9_with_a_dirty_file_then_remount_uploads_it(mount, s3, bucket, moto_server):
+    m = mount(bucket=bucket)
+    os.listdir(m.path)
+    moto_server.stop()
+    try:
+        with pytest.raises(OSError):
+            with open(m.path / "orphan.txt", "wb") as f:
+                f.write(b"must not be lost")
+    finally:
+        pid = m.pid
+        os.kill(pid, signal.SIGKILL)
+        helpers.wait_for(lambda: not helpers.pid_alive(pid), timeout=10)
+        moto_server.start()
+    assert "orphan.txt" not in s3_keys(s3, bucket)
+    m.remount()
+    helpers.wait_for(lambda: "orphan.txt" in s3_keys(s3, bucket), timeout=60,
+                     message="the dirty file to be uploaded after the remount")
+    assert s3_bytes(s3, bucket, "orphan.txt") == b"must not be lost"
+    assert (m.path / "orphan.txt").read_bytes() == b"must not be lost"
