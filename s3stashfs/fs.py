@@ -14,6 +14,7 @@ import stat
 import time
 
 import pyfuse3
+import trio
 
 from .cache import Cache, CachedObject
 from .errors import (Changed, Exists, IsADirectory, NotADirectory, NotEmpty, NotFound,
@@ -462,8 +463,80 @@ class Operations(pyfuse3.Operations):
     @handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         self._writable()
-        # Not yet: mv(1) falls back to copy and unlink on EXDEV.
-        raise pyfuse3.FUSEError(errno.EXDEV)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise NotSupported("RENAME_EXCHANGE")
+        old_parent = self.inodes.get(parent_inode_old)
+        new_parent = self.inodes.get(parent_inode_new)
+        text = self.ns.check_new_name(new_parent, name_new)
+        if new_parent.bucket != old_parent.bucket:
+            raise pyfuse3.FUSEError(errno.EXDEV)  # across buckets: mv(1) copies
+        node = await self.ns.lookup(old_parent, name_old)
+        target = await self._maybe_lookup(new_parent, name_new)
+        if target is not None:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise Exists(text)
+            if node.kind.is_dir and not target.kind.is_dir:
+                raise NotADirectory(repr(target))
+            if target.kind.is_dir:
+                if not node.kind.is_dir:
+                    raise IsADirectory(repr(target))
+                if not await self.ns.is_empty(target):
+                    raise NotEmpty(repr(target))
+        new_key = new_parent.key + text + ("/" if node.kind.is_dir else "")
+        if node.kind.is_dir:
+            await self._rename_dir(node, new_key)
+            if target is not None:
+                await self.ns.store.delete_object(target.bucket, target.key)
+        else:
+            await self._rename_file(node, new_key)
+        if target is not None:
+            self.ns.removed(new_parent, name_new)
+        self.inodes.move(node, new_parent, name_new, new_key)
+        self.ns.removed(old_parent, name_old)
+        self.ns.readded(new_parent, name_new, node)
+
+    async def _rename_file(self, node: Node, new_key: str) -> None:
+        """A server-side copy, then the delete; a file with local changes not yet uploaded just
+        moves in the cache and is uploaded under its new name."""
+        store = self.ns.store
+        local = self.cache.current(node.bucket, node.key)
+        if local is not None and local.dirty:
+            if local.etag:  # an older version is in S3 under the old name
+                await store.delete_object(node.bucket, node.key)
+            self.cache.move(node.bucket, node.key, new_key)
+            local.gen += 1  # the new name has nothing yet: upload it
+            self.uploader.kick()
+            return
+        info = await self.ns.revalidate(node, force=True)
+        etag = await store.copy(node.bucket, node.key, new_key, info.etag, info.size,
+                                self.uploader.part_size)
+        await store.delete_object(node.bucket, node.key)
+        self.cache.move(node.bucket, node.key, new_key, etag)
+
+    async def _rename_dir(self, node: Node, new_key: str) -> None:
+        """Every key below the directory: all copied before any is deleted, so that a crash
+        part-way leaves each object in at least one place. Not atomic."""
+        store = self.ns.store
+        keys = await store.list_all(node.bucket, node.key)
+        async with trio.open_nursery() as n:
+            for key, info in keys:
+                if key.endswith("/") and info.size == 0:
+                    n.start_soon(store.put_marker, node.bucket, new_key + key[len(node.key):])
+                else:
+                    n.start_soon(store.copy, node.bucket, key, new_key + key[len(node.key):],
+                                 info.etag, info.size, self.uploader.part_size)
+        if not any(k == node.key for k, _ in keys):
+            await store.put_marker(node.bucket, new_key)  # the directory itself persists
+        for obj in list(self.cache.local_objects()):  # local changes move with it
+            if obj.bucket == node.bucket and obj.key.startswith(node.key):
+                self.cache.move(obj.bucket, obj.key, new_key + obj.key[len(node.key):])
+                obj.gen += 1
+        async with trio.open_nursery() as n:
+            for key, _ in keys:
+                n.start_soon(store.delete_object, node.bucket, key)
+        for key, info in keys:
+            self.cache.move(node.bucket, key, new_key + key[len(node.key):], None)
+        self.uploader.kick()
 
     @handler
     async def link(self, inode, new_parent_inode, new_name, ctx):

@@ -93,6 +93,22 @@ class InodeTable:
         ino = self._names.get((parent.ino, name))
         return self._nodes.get(ino) if ino is not None else None
 
+    def move(self, node: Node, parent: Node, name: bytes, key: str) -> None:
+        """rename: the node keeps its number under its new name; a node below a moved
+        directory follows it (its key gets the new prefix)."""
+        old_key = node.key
+        self._names.pop((node.parent, node.name), None)
+        replaced = self._names.get((parent.ino, name))
+        if replaced is not None and replaced != node.ino:
+            self._nodes[replaced].info = None
+        node.parent, node.name, node.key = parent.ino, name, key
+        self._names[(parent.ino, name)] = node.ino
+        if node.kind.is_dir:
+            for other in self._nodes.values():
+                if other is not node and other.bucket == node.bucket and other.key.startswith(old_key):
+                    other.key = key + other.key[len(old_key):]
+                    other.listing = None
+
     def incref(self, node: Node, n: int = 1) -> None:
         node.lookups += n
 

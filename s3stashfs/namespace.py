@@ -258,6 +258,13 @@ class Namespace:
             parent.listing.forget_order()
         return node
 
+    def readded(self, parent: Node, name: bytes, node: Node) -> None:
+        """A renamed node, under its new name."""
+        self._negative.pop((parent.ino, name), None)
+        if parent.listing is not None:
+            parent.listing.children[name] = node
+            parent.listing.forget_order()
+
     def removed(self, parent: Node, name: bytes) -> None:
         if parent.listing is not None and parent.listing.children.pop(name, None) is not None:
             parent.listing.forget_order()

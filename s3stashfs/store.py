@@ -42,6 +42,7 @@ from .errors import (ChecksumMismatch, Changed, Denied, MountError, NotFound, S3
 log = logging.getLogger(__name__)
 
 PIECE = 1 << 20  # bytes read from a response body between progress reports
+COPY_MAX = 5 << 30  # the largest object CopyObject copies in one request
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _CHANGED = {"412", "PreconditionFailed"}
@@ -584,6 +585,70 @@ class Store:
             what, "copy_object", Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": key},
             CopySourceIfMatch=f'"{etag}"', MetadataDirective="REPLACE", Metadata=metadata))
         return strip_etag(r.get("CopyObjectResult", {}).get("ETag", ""))
+
+    async def copy(self, bucket: str, src: str, dst: str, etag: str, size: int,
+                   part_size: int) -> str:
+        """Server-side copy of version ``etag`` of ``src`` to ``dst`` (metadata kept); in parts
+        above 5 GiB, CopyObject's limit. Returns the new object's ETag."""
+        what = f"COPY s3://{bucket}/{src} to {dst}"
+        source = {"Bucket": bucket, "Key": src}
+        if size <= COPY_MAX:
+            r = await self._run(what, self._meta, lambda: self._call(
+                what, "copy_object", Bucket=bucket, Key=dst, CopySource=source,
+                CopySourceIfMatch=f'"{etag}"', MetadataDirective="COPY"))
+            return strip_etag(r.get("CopyObjectResult", {}).get("ETag", ""))
+        head = await self._run(what, self._meta, lambda: self._call(
+            what, "head_object", Bucket=bucket, Key=src, IfMatch=f'"{etag}"'))
+        r = await self._run(what, self._meta, lambda: self._call(
+            what, "create_multipart_upload", Bucket=bucket, Key=dst,
+            Metadata=head.get("Metadata", {})))
+        upload_id = r["UploadId"]
+        starts = list(range(0, size, part_size))
+        etags = [""] * len(starts)
+
+        async def part(i: int, start: int) -> None:
+            end = min(start + part_size, size) - 1
+            rr = await self._run(what, self._data, lambda: self._call(
+                what, "upload_part_copy", Bucket=bucket, Key=dst, UploadId=upload_id,
+                PartNumber=i + 1, CopySource=source, CopySourceIfMatch=f'"{etag}"',
+                CopySourceRange=f"bytes={start}-{end}"))
+            etags[i] = rr["CopyPartResult"]["ETag"]
+        try:
+            async with trio.open_nursery() as n:
+                for i, start in enumerate(starts):
+                    n.start_soon(part, i, start)
+            r = await self._run(what, self._meta, lambda: self._call(
+                what, "complete_multipart_upload", Bucket=bucket, Key=dst, UploadId=upload_id,
+                MultipartUpload={"Parts": [{"ETag": e, "PartNumber": i + 1}
+                                           for i, e in enumerate(etags)]}))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._run(what, self._meta, lambda: self._call(
+                        what, "abort_multipart_upload", Bucket=bucket, Key=dst,
+                        UploadId=upload_id), attempts=1)
+                except S3StashError as e:
+                    log.warning("%s: could not abort: %s", what, e)
+            raise
+        return strip_etag(r.get("ETag", ""))
+
+    async def list_all(self, bucket: str, prefix: str) -> list[ObjectInfo]:
+        """Every key under ``prefix``, at any depth (for renaming a directory)."""
+        what = f"LIST s3://{bucket}/{prefix} (recursive)"
+        out, token = [], None
+        while True:
+            kwargs = {"Bucket": bucket, "Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            r = await self._run(what, self._meta, lambda kw=kwargs: self._call(
+                what, "list_objects_v2", **kw))
+            for o in r.get("Contents", []):
+                out.append((o["Key"], ObjectInfo(etag=strip_etag(o.get("ETag", "")),
+                                                 size=int(o.get("Size", 0)), last_modified_ns=0,
+                                                 mtime_ns=0)))
+            token = r.get("NextContinuationToken") if r.get("IsTruncated") else None
+            if token is None:
+                return out
 
     async def put_marker(self, bucket: str, key: str) -> None:
         what = f"PUT s3://{bucket}/{key}"

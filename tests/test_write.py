@@ -229,14 +229,50 @@ def test_hard_links_refused_cleanly(mount, s3, bucket):
     assert e.value.errno in (errno.EPERM, errno.ENOTSUP)
 
 
-def test_mv_within_the_mount_works(mount, s3, bucket):
-    """rename(2) answers EXDEV for now, so mv(1) copies and unlinks."""
+def test_write_then_rename(mount, s3, bucket, moto_server):
     m = mount(bucket=bucket)
-    (m.path / "part.tmp").write_bytes(b"result")
-    r = sh("mv part.tmp part.csv", m.path)
-    assert r.returncode == 0, r.stderr
+    with open(m.path / "part.tmp", "wb") as f:
+        f.write(b"result")
+    mark = moto_server.mark()
+    os.rename(m.path / "part.tmp", m.path / "part.csv")
     assert s3_bytes(s3, bucket, "part.csv") == b"result"
     assert "part.tmp" not in s3_keys(s3, bucket)
+    assert moto_server.requests_since(mark, op="PutObject") == []  # a server-side copy
+    assert os.listdir(m.path) == ["part.csv"]
+    assert (m.path / "part.csv").read_bytes() == b"result"
+    # over an existing file, and refused with RENAME_NOREPLACE semantics by mv -n
+    helpers.put_object(s3, bucket, "other.csv", b"other")
+    os.rename(m.path / "part.csv", m.path / "other.csv")
+    assert s3_bytes(s3, bucket, "other.csv") == b"result"
+    assert s3_keys(s3, bucket) == {"other.csv"}
+    (m.path / "third.csv").write_bytes(b"third")
+    r = sh("mv -n third.csv other.csv", m.path)
+    assert s3_bytes(s3, bucket, "other.csv") == b"result"
+
+
+def test_rename_of_a_dirty_file_moves_it_locally(mount, s3, bucket):
+    m = mount(bucket=bucket)
+    f = open(m.path / "draft.txt", "wb")
+    f.write(b"draft")
+    f.flush()
+    os.rename(m.path / "draft.txt", m.path / "final.txt")  # still open, never uploaded
+    f.write(b" done")
+    f.close()
+    assert s3_bytes(s3, bucket, "final.txt") == b"draft done"
+    assert "draft.txt" not in s3_keys(s3, bucket)
+
+
+def test_rename_of_a_non_empty_directory(mount, s3, bucket):
+    for k in ("proj/a.txt", "proj/sub/b.txt", "proj/empty/"):
+        helpers.put_object(s3, bucket, k, b"" if k.endswith("/") else k.encode())
+    m = mount(bucket=bucket)
+    assert (m.path / "proj" / "sub" / "b.txt").read_bytes() == b"proj/sub/b.txt"
+    os.rename(m.path / "proj", m.path / "renamed")
+    assert s3_keys(s3, bucket) == {"renamed/a.txt", "renamed/sub/b.txt", "renamed/empty/", "renamed/"}
+    assert s3_bytes(s3, bucket, "renamed/sub/b.txt") == b"proj/sub/b.txt"
+    assert sorted(os.listdir(m.path / "renamed")) == ["a.txt", "empty", "sub"]
+    assert (m.path / "renamed" / "sub" / "b.txt").read_bytes() == b"proj/sub/b.txt"
+    assert not (m.path / "proj").exists()
 
 
 @pytest.mark.expect_log("unreachable", "upload of .* failed")

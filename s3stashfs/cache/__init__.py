@@ -233,6 +233,22 @@ class Cache:
         else:
             self.catalog.put(row)
 
+    def move(self, bucket: str, key: str, new_key: str, etag: str | None = None) -> None:
+        """The object at ``key`` is now at ``new_key`` (rename): its cached bytes, local changes
+        included, move with it; ``etag`` is the copy's (None: unchanged)."""
+        self.forget_object(bucket, new_key)
+        obj = self._objects.pop((bucket, key), None)
+        row = obj.row if obj is not None else self.catalog.get(self.origin, bucket, key)
+        if row is None:
+            return
+        row.key = new_key
+        if etag is not None and not row.dirty:
+            row.etag = etag
+        if row.id is not None:
+            self.catalog.rekey(row.id, new_key, row.etag)
+        if obj is not None:
+            self._objects[(bucket, new_key)] = obj
+
     def forget_object(self, bucket: str, key: str) -> None:
         """The object is gone (unlinked): drop its row and data file. An open descriptor keeps
         working on the unlinked file."""

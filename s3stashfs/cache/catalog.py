@@ -127,6 +127,16 @@ class Catalog:
         self._db.execute("UPDATE objects SET mtime_ns=?, metadata=? WHERE id=?",
                          (mtime_ns, json.dumps(metadata), row_id))
 
+    def rekey(self, row_id: int, key: str, etag: str) -> None:
+        """The object moved to ``key`` (rename); whatever row ``key`` had goes."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM objects WHERE id != ? AND origin = "
+                             "(SELECT origin FROM objects WHERE id = ?) AND bucket = "
+                             "(SELECT bucket FROM objects WHERE id = ?) AND key = ?",
+                             (row_id, row_id, row_id, key))
+            self._db.execute("UPDATE objects SET key=?, etag=? WHERE id=?", (key, etag, row_id))
+
     def delete(self, row_id: int) -> None:
         self._db.execute("DELETE FROM objects WHERE id=?", (row_id,))
 
