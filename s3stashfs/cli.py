@@ -187,7 +187,8 @@ def _settings_env(settings) -> dict[str, str]:
            "S3STASHFS_ALLOW_OTHER": "1" if settings.allow_other else "0",
            "S3STASHFS_ADDRESSING_STYLE": settings.addressing_style,
            "S3STASHFS_MULTIPART_THRESHOLD_MB": str(settings.multipart_threshold_mb),
-           "S3STASHFS_PART_SIZE_MB": str(settings.part_size_mb)}
+           "S3STASHFS_PART_SIZE_MB": str(settings.part_size_mb),
+           "S3STASHFS_LOCAL_ONLY": ",".join(settings.local_only)}
     for name, key in (("endpoint_url", "S3STASHFS_ENDPOINT_URL"), ("region", "S3STASHFS_REGION"),
                       ("profile", "S3STASHFS_PROFILE")):
         if getattr(settings, name):

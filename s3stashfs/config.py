@@ -43,6 +43,10 @@ class Settings:
     allow_other: bool = False
     foreground: bool = False
     addressing_style: str = "auto"
+    # names (globs on the last path component) that live in the cache only, never uploaded:
+    # editors' swap, lock and probe files by default
+    local_only: tuple[str, ...] = (".*.swp", ".*.swo", ".*.swx", ".*.swpx", "4913", ".#*", "#*#",
+                                   ".~lock.*#", "~$*")
     multipart_threshold_mb: int = 8  # files larger than this are uploaded in parts
     part_size_mb: int = 8  # grown as needed so that an object fits in 10,000 parts
     # AWS_* lines of the env file, handed to boto3's credential chain; never logged.
@@ -128,6 +132,14 @@ def _mib(v: str) -> int:
     return n
 
 
+def _globs(v: str) -> tuple[str, ...]:
+    globs = tuple(g.strip() for g in v.split(",") if g.strip())
+    for g in globs:
+        if "/" in g:
+            raise ValueError(f"{g!r}: patterns match file names, so they cannot contain '/'")
+    return globs
+
+
 def _nonempty(v: str) -> str:
     if not v.strip():
         raise ValueError("must not be empty")
@@ -153,6 +165,7 @@ _SPECS: dict[str, tuple[Callable[[str], Any], str]] = {
     "read_only": (_parse_bool, "S3STASHFS_READ_ONLY"),
     "allow_other": (_parse_bool, "S3STASHFS_ALLOW_OTHER"),
     "addressing_style": (_parse_style, "S3STASHFS_ADDRESSING_STYLE"),
+    "local_only": (_globs, "S3STASHFS_LOCAL_ONLY"),
     "multipart_threshold_mb": (_mib, "S3STASHFS_MULTIPART_THRESHOLD_MB"),
     "part_size_mb": (_mib, "S3STASHFS_PART_SIZE_MB"),
 }

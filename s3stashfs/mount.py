@@ -130,7 +130,7 @@ class Mount:
         self.ns = Namespace(self.store, self.cache, self.inodes, settings.metadata_ttl, settings.buckets)
         self.fetcher = Fetcher(self.store, self.cache)
         self.uploader = Uploader(self.store, self.cache, settings.multipart_threshold_mb << 20,
-                                 settings.part_size_mb << 20)
+                                 settings.part_size_mb << 20, settings.local_only)
         self.ops = Operations(self.inodes, self.ns, self.cache, self.fetcher, self.uploader,
                               settings.metadata_ttl, settings.read_only)
 

@@ -8,6 +8,7 @@ in the background with backoff and jitter, after a remount too.
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import random
 import time
@@ -35,19 +36,26 @@ def part_size_for(size: int, part_size: int) -> int:
 
 
 class Uploader:
-    def __init__(self, store: Store, cache: Cache, threshold: int, part_size: int):
+    def __init__(self, store: Store, cache: Cache, threshold: int, part_size: int,
+                 local_only: tuple[str, ...] = ()):
         self.store = store
         self.cache = cache
         self.threshold = threshold
         self.part_size = part_size
+        self.local_only = local_only
         self._wake = trio.Event()
+
+    def is_local_only(self, key: str) -> bool:
+        """Editor swap and lock files (by default) live in the cache only: never uploaded."""
+        name = key.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatchcase(name, g) for g in self.local_only)
 
     async def upload(self, obj: CachedObject) -> None:
         """Upload the local bytes of ``obj`` if S3 does not have this generation yet. Raises
         the domain error on failure; the object then stays dirty and queued for a retry."""
         async with obj.lock:
             gen = obj.gen
-            if obj.unlinked or not obj.dirty or obj.uploaded_gen == gen:
+            if obj.unlinked or not obj.dirty or obj.uploaded_gen == gen or self.is_local_only(obj.key):
                 return
             await self.cache.sync_one(obj)  # durable before anything is tried
             meta = dict(obj.row.metadata or {})
@@ -84,7 +92,8 @@ class Uploader:
         while True:
             now = time.monotonic()
             due = [o for o in self.cache.local_objects()
-                   if o.writers == 0 and o.retry_at <= now and o.uploaded_gen != o.gen]
+                   if o.writers == 0 and o.retry_at <= now and o.uploaded_gen != o.gen
+                   and not self.is_local_only(o.key)]
             for obj in due:
                 try:
                     await self.upload(obj)
@@ -94,7 +103,7 @@ class Uploader:
                     log.error("upload of s3://%s/%s: cache file unreadable: %s", obj.bucket, obj.key, e)
                     obj.retry_at = time.monotonic() + RETRY_MAX
             waits = [o.retry_at - time.monotonic() for o in self.cache.local_objects()
-                     if o.writers == 0 and o.uploaded_gen != o.gen]
+                     if o.writers == 0 and o.uploaded_gen != o.gen and not self.is_local_only(o.key)]
             self._wake = trio.Event()
             with trio.move_on_after(max(min(waits, default=RETRY_MAX), 0.05)):
                 await self._wake.wait()

@@ -315,3 +315,27 @@ def test_kill_9_with_a_dirty_file_then_remount_uploads_it(mount, s3, bucket, mot
                      message="the dirty file to be uploaded after the remount")
     assert s3_bytes(s3, bucket, "orphan.txt") == b"must not be lost"
     assert (m.path / "orphan.txt").read_bytes() == b"must not be lost"
+
+
+def test_editor_swap_files_stay_local(mount, s3, bucket):
+    m = mount(bucket=bucket)
+    (m.path / ".notes.txt.swp").write_bytes(b"swap")
+    (m.path / "notes.txt").write_bytes(b"notes")
+    assert s3_keys(s3, bucket) == {"notes.txt"}
+    assert sorted(os.listdir(m.path)) == [".notes.txt.swp", "notes.txt"]
+    m.remount()  # kept in the cache across mounts, still never uploaded
+    assert (m.path / ".notes.txt.swp").read_bytes() == b"swap"
+    assert s3_keys(s3, bucket) == {"notes.txt"}
+    os.unlink(m.path / ".notes.txt.swp")
+    assert os.listdir(m.path) == ["notes.txt"]
+
+
+def test_local_only_patterns_are_a_setting(mount, s3, bucket):
+    m = mount(bucket=bucket, env={"S3STASHFS_LOCAL_ONLY": "*.partial"})
+    (m.path / "download.partial").write_bytes(b"half")
+    (m.path / ".x.swp").write_bytes(b"uploaded now: the setting replaced the defaults")
+    assert s3_keys(s3, bucket) == {".x.swp"}
+    os.rename(m.path / "download.partial", m.path / "download.done")
+    helpers.wait_for(lambda: "download.done" in s3_keys(s3, bucket), timeout=30,
+                     message="the renamed file to be uploaded under its uploadable name")
+    assert s3_bytes(s3, bucket, "download.done") == b"half"
