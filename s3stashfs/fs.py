@@ -100,7 +100,7 @@ class Operations(pyfuse3.Operations):
         a.attr_timeout = self.ttl
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_blksize = 128 * 1024
-        if node.kind is Kind.FILE:
+        if node.kind.is_object:
             info = node.info
             local = self.cache.current(node.bucket, node.key)
             if local is not None and local.dirty:
@@ -109,7 +109,10 @@ class Operations(pyfuse3.Operations):
                 size, mtime, meta = info.size, info.mtime_ns, dict(info.metadata)
             else:
                 size, mtime, meta = 0, self.started_ns, {}
-            a.st_mode = stat.S_IFREG | (_meta_int(meta, "mode", 0o644) & 0o7777)
+            if node.kind is Kind.SYMLINK:
+                a.st_mode = stat.S_IFLNK | 0o777
+            else:
+                a.st_mode = stat.S_IFREG | (_meta_int(meta, "mode", 0o644) & 0o7777)
             a.st_uid = _meta_int(meta, "uid", self.uid)
             a.st_gid = _meta_int(meta, "gid", self.gid)
             a.st_nlink = 1
@@ -132,7 +135,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def getattr(self, inode, ctx=None):
         node = self.inodes.get(inode)
-        if node.kind is Kind.FILE and node.info is None:
+        if node.kind.is_object and node.info is None:
             raise NotFound(f"s3://{node.bucket}/{node.key} is gone")
         return self.attrs(node)
 
@@ -170,7 +173,7 @@ class Operations(pyfuse3.Operations):
             self._writable()
         node = self.inodes.get(inode)
         if node.kind is not Kind.FILE:
-            raise pyfuse3.FUSEError(errno.EISDIR)
+            raise pyfuse3.FUSEError(errno.ELOOP if node.kind is Kind.SYMLINK else errno.EISDIR)
         if writing and flags & os.O_TRUNC:
             obj = await self._truncated(node)
             self.ns.local_changed(node, obj)
@@ -387,7 +390,7 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         self._writable()
         node = self.inodes.get(inode)
-        if node.kind is not Kind.FILE:
+        if not node.kind.is_object:
             if fields.update_size:
                 raise IsADirectory(repr(node))
             return self.attrs(node)  # directories are prefixes: nothing to keep
@@ -398,7 +401,8 @@ class Operations(pyfuse3.Operations):
         if fields.update_mtime:
             meta["mtime"] = attr.st_mtime_ns
         if fields.update_mode:
-            meta["mode"] = stat.S_IFREG | (attr.st_mode & 0o7777)
+            kind = stat.S_IFLNK if node.kind is Kind.SYMLINK else stat.S_IFREG
+            meta["mode"] = kind | (attr.st_mode & 0o7777)
         if fields.update_uid:
             meta["uid"] = attr.st_uid
         if fields.update_gid:
@@ -544,8 +548,38 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def symlink(self, parent_inode, name, target, ctx):
+        """An object holding the target, with S_IFLNK in x-amz-meta-mode: what s3fs writes and
+        reads, so each tool follows the other's links."""
         self._writable()
-        raise NotSupported("symbolic links are not supported yet")
+        parent = self.inodes.get(parent_inode)
+        text = self.ns.check_new_name(parent, name)
+        if await self._maybe_lookup(parent, name) is not None:
+            raise Exists(text)
+        key = parent.key + text
+        obj = self.cache.create_local(parent.bucket, key)
+        obj.row.metadata = {"mode": str(stat.S_IFLNK | 0o777), "uid": str(ctx.uid),
+                            "gid": str(ctx.gid)}
+        async with obj.lock:
+            os.pwrite(self.cache.ensure_open(obj), target, 0)
+            obj.changed_locally(len(target))
+        node = self.ns.added(parent, name, Kind.SYMLINK, key)
+        self.ns.local_changed(node, obj)
+        await self.uploader.upload(obj)
+        self.ns.local_changed(node, obj)
+        self.inodes.incref(node)
+        return self.attrs(node)
+
+    @handler
+    async def readlink(self, inode, ctx):
+        node = self.inodes.get(inode)
+        if node.kind is not Kind.SYMLINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        info = await self.ns.revalidate(node)
+        obj, _ = self.cache.open_object(node.bucket, node.key, info)
+        try:
+            return await self.fetcher.read(obj, ReadState(), 0, obj.size)
+        finally:
+            self.cache.release(obj)
 
     @handler
     async def mknod(self, parent_inode, name, mode, rdev, ctx):

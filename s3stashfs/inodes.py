@@ -22,10 +22,15 @@ class Kind(enum.Enum):
     BUCKET = "bucket"  # a bucket's top level (or the --bucket root)
     DIR = "dir"  # a prefix
     FILE = "file"  # an object
+    SYMLINK = "symlink"  # an object holding a link's target, the s3fs way (x-amz-meta-mode)
 
     @property
     def is_dir(self) -> bool:
-        return self is not Kind.FILE
+        return self not in (Kind.FILE, Kind.SYMLINK)
+
+    @property
+    def is_object(self) -> bool:
+        return self in (Kind.FILE, Kind.SYMLINK)
 
 
 class Node:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import stat
 import time
 
 import trio
@@ -97,8 +98,9 @@ class Namespace:
             raise NotFound(text)
         local = self.cache.current(parent.bucket, parent.key + text) if parent.kind is not Kind.ROOT else None
         if local is not None and local.dirty:
-            node = self.inodes.child(parent, name, Kind.FILE, parent.bucket, parent.key + text)
-            self._set_info(node, local_info(local), from_head=True)
+            info = local_info(local)
+            node = self.inodes.child(parent, name, kind_of(info), parent.bucket, parent.key + text)
+            self._set_info(node, info, from_head=True)
             return node
         node = await (self._lookup_bucket(parent, name, text) if parent.kind is Kind.ROOT
                       else self._lookup_key(parent, name, text))
@@ -136,7 +138,7 @@ class Namespace:
             return self.inodes.child(parent, name, Kind.DIR, parent.bucket, key + "/")
         if info is None:
             return None
-        node = self.inodes.child(parent, name, Kind.FILE, parent.bucket, key)
+        node = self.inodes.child(parent, name, kind_of(info), parent.bucket, key)
         self._set_info(node, info, from_head=True)
         return node
 
@@ -225,15 +227,16 @@ class Namespace:
                 continue
             meta = known.get(key)
             if meta is not None and meta[0] == info.etag:
-                info = dataclasses.replace(info, mtime_ns=meta[1])
-            child = self.inodes.child(node, name.encode(), Kind.FILE, bucket, key)
+                info = dataclasses.replace(info, mtime_ns=meta[1], metadata=tuple(sorted(meta[2].items())))
+            child = self.inodes.child(node, name.encode(), kind_of(info), bucket, key)
             self._set_info(child, info)
             children[name.encode()] = child
         for obj in self.cache.local_objects():  # written here, not yet (all) in S3
             rest = obj.key[len(prefix):]
             if obj.bucket == bucket and obj.key.startswith(prefix) and "/" not in rest and rest:
-                child = self.inodes.child(node, rest.encode(), Kind.FILE, bucket, obj.key)
-                self._set_info(child, local_info(obj), from_head=True)
+                info = local_info(obj)
+                child = self.inodes.child(node, rest.encode(), kind_of(info), bucket, obj.key)
+                self._set_info(child, info, from_head=True)
                 children.setdefault(rest.encode(), child)
         return children
 
@@ -285,6 +288,15 @@ class Namespace:
             return False
         return not any(o.bucket == node.bucket and o.key.startswith(node.key)
                        for o in self.cache.local_objects())
+
+
+def kind_of(info: ObjectInfo) -> Kind:
+    """A symbolic link stored the s3fs way has S_IFLNK in its x-amz-meta-mode."""
+    mode = dict(info.metadata).get("mode")
+    try:
+        return Kind.SYMLINK if mode is not None and stat.S_ISLNK(int(mode)) else Kind.FILE
+    except ValueError:
+        return Kind.FILE
 
 
 def local_info(obj) -> ObjectInfo:

@@ -339,3 +339,24 @@ def test_local_only_patterns_are_a_setting(mount, s3, bucket):
     helpers.wait_for(lambda: "download.done" in s3_keys(s3, bucket), timeout=30,
                      message="the renamed file to be uploaded under its uploadable name")
     assert s3_bytes(s3, bucket, "download.done") == b"half"
+
+
+def test_symlinks_the_s3fs_way(mount, s3, bucket):
+    m = mount(bucket=bucket)
+    (m.path / "results.csv").write_bytes(b"a,b\n")
+    os.symlink("results.csv", m.path / "latest")
+    assert os.readlink(m.path / "latest") == "results.csv"
+    assert (m.path / "latest").read_bytes() == b"a,b\n"
+    head = s3.head_object(Bucket=bucket, Key="latest")
+    assert s3_bytes(s3, bucket, "latest") == b"results.csv"
+    assert int(head["Metadata"]["mode"]) == 0o120777  # what s3fs writes and reads
+    # a link s3fs made
+    s3.put_object(Bucket=bucket, Key="from-s3fs", Body=b"results.csv",
+                  Metadata={"mode": str(0o120777)})
+    assert os.readlink(m.path / "from-s3fs") == "results.csv"
+    m.remount()
+    assert os.path.islink(m.path / "latest")
+    assert os.readlink(m.path / "latest") == "results.csv"
+    assert sorted(os.listdir(m.path)) == ["from-s3fs", "latest", "results.csv"]
+    os.unlink(m.path / "latest")
+    assert "latest" not in s3_keys(s3, bucket)

@@ -140,13 +140,13 @@ class Catalog:
     def delete(self, row_id: int) -> None:
         self._db.execute("DELETE FROM objects WHERE id=?", (row_id,))
 
-    def known_metadata(self, origin: str, bucket: str, prefix: str) -> dict[str, tuple[str, int]]:
-        """key -> (etag, mtime_ns) for rows under ``prefix`` whose metadata came from a HEAD."""
+    def known_metadata(self, origin: str, bucket: str, prefix: str) -> dict[str, tuple[str, int, dict]]:
+        """key -> (etag, mtime_ns, metadata) for rows under ``prefix`` whose metadata is known."""
         hi = prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
         rows = self._db.execute(
-            "SELECT key, etag, mtime_ns FROM objects WHERE origin=? AND bucket=? AND key>=? AND key<?"
-            " AND metadata IS NOT NULL", (origin, bucket, prefix, hi))
-        return {k: (e, m) for k, e, m in rows}
+            "SELECT key, etag, mtime_ns, metadata FROM objects WHERE origin=? AND bucket=? AND "
+            "key>=? AND key<? AND metadata IS NOT NULL", (origin, bucket, prefix, hi))
+        return {k: (e, m, json.loads(md)) for k, e, m, md in rows}
 
     def dirty_rows(self, origin: str) -> list[Row]:
         return [self._row(r) for r in self._db.execute(
