@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action="store_true",
                    help="let other users use the mount (needs user_allow_other in /etc/fuse.conf) "
                         "[S3STASHFS_ALLOW_OTHER]")
+    m.add_argument("--xattrs", action="store_true",
+                   help="user.* extended attributes as the objects' x-amz-meta-* (off by default, "
+                        "as in s3fs: ls -l then asks the mount about every file) [S3STASHFS_XATTRS]")
     m.add_argument("--metadata-ttl", metavar="S",
                    help="seconds a listing or lookup is trusted (default 5; 0 = always ask S3) "
                         "[S3STASHFS_METADATA_TTL]")
@@ -93,7 +96,7 @@ def _settings(args):
     from . import config
     flags = {k: getattr(args, k, None) for k in (
         "endpoint_url", "region", "profile", "bucket", "cache_dir", "metadata_ttl", "log_file",
-        "read_only", "allow_other", "foreground", "debug")}
+        "read_only", "allow_other", "xattrs", "foreground", "debug")}
     return config.load(flags)
 
 
@@ -185,6 +188,7 @@ def _settings_env(settings) -> dict[str, str]:
            "S3STASHFS_LOG_LEVEL": settings.log_level,
            "S3STASHFS_READ_ONLY": "1" if settings.read_only else "0",
            "S3STASHFS_ALLOW_OTHER": "1" if settings.allow_other else "0",
+           "S3STASHFS_XATTRS": "1" if settings.xattrs else "0",
            "S3STASHFS_ADDRESSING_STYLE": settings.addressing_style,
            "S3STASHFS_MULTIPART_THRESHOLD_MB": str(settings.multipart_threshold_mb),
            "S3STASHFS_PART_SIZE_MB": str(settings.part_size_mb),

@@ -41,6 +41,7 @@ class Settings:
     log_level: str = "INFO"
     read_only: bool = False
     allow_other: bool = False
+    xattrs: bool = False  # user.* xattrs <-> x-amz-meta-* (costs `ls -l` a round trip per file)
     foreground: bool = False
     addressing_style: str = "auto"
     # names (globs on the last path component) that live in the cache only, never uploaded:
@@ -164,6 +165,7 @@ _SPECS: dict[str, tuple[Callable[[str], Any], str]] = {
     "log_level": (_parse_level, "S3STASHFS_LOG_LEVEL"),
     "read_only": (_parse_bool, "S3STASHFS_READ_ONLY"),
     "allow_other": (_parse_bool, "S3STASHFS_ALLOW_OTHER"),
+    "xattrs": (_parse_bool, "S3STASHFS_XATTRS"),
     "addressing_style": (_parse_style, "S3STASHFS_ADDRESSING_STYLE"),
     "local_only": (_globs, "S3STASHFS_LOCAL_ONLY"),
     "multipart_threshold_mb": (_mib, "S3STASHFS_MULTIPART_THRESHOLD_MB"),

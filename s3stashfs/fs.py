@@ -10,6 +10,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import stat
 import time
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 SIBLING_PREFETCH = 8  # small files fetched ahead of a directory read in order
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+_RESERVED_META = {"mtime", "mode", "uid", "gid", "atime", "ctime"}  # file attributes, not xattrs
+_META_KEY = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
 
 def handler(fn):
@@ -76,8 +79,9 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
     def __init__(self, inodes: InodeTable, ns: Namespace, cache: Cache, fetcher: Fetcher,
-                 uploader: Uploader, ttl: float, read_only: bool = False):
+                 uploader: Uploader, ttl: float, read_only: bool = False, xattrs: bool = False):
         super().__init__()
+        self.xattrs = xattrs
         self.uploader = uploader
         self.inodes = inodes
         self.ns = ns
@@ -397,18 +401,17 @@ class Operations(pyfuse3.Operations):
         h = self._handles.get(fh) if fh is not None else None
         if fields.update_size:
             await self._resize(node, h, attr.st_size)
-        meta = {}
-        if fields.update_mtime:
-            meta["mtime"] = attr.st_mtime_ns
+        meta: dict[str, str | None] = {}
         if fields.update_mode:
             kind = stat.S_IFLNK if node.kind is Kind.SYMLINK else stat.S_IFREG
-            meta["mode"] = kind | (attr.st_mode & 0o7777)
+            meta["mode"] = str(kind | (attr.st_mode & 0o7777))
         if fields.update_uid:
-            meta["uid"] = attr.st_uid
+            meta["uid"] = str(attr.st_uid)
         if fields.update_gid:
-            meta["gid"] = attr.st_gid
-        if meta:
-            await self._set_meta(node, h, meta)
+            meta["gid"] = str(attr.st_gid)
+        mtime = attr.st_mtime_ns if fields.update_mtime else None
+        if meta or mtime is not None:
+            await self._set_meta(node, meta, mtime)
         return self.attrs(node)
 
     async def _resize(self, node: Node, h: FileHandle | None, size: int) -> None:
@@ -435,18 +438,25 @@ class Operations(pyfuse3.Operations):
             if h is None or not h.writable:
                 self.cache.release(obj)
 
-    async def _set_meta(self, node: Node, h: FileHandle | None, changes: dict[str, int]) -> None:
-        """utimens, chmod, chown: kept as x-amz-meta-* the s3fs way. A file with local changes
-        takes them with its upload; an unchanged one is updated in place, without re-upload."""
+    async def _set_meta(self, node: Node, changes: dict[str, str | None],
+                        mtime_ns: int | None = None) -> None:
+        """utimens, chmod, chown and user xattrs: kept as x-amz-meta-* the s3fs way (a None
+        value removes the key). A file with local changes takes them with its upload; an
+        unchanged object is changed in place, without its content being uploaded again."""
+        def apply(meta: dict) -> dict:
+            meta = dict(meta)
+            for k, v in changes.items():
+                if v is None:
+                    meta.pop(k, None)
+                else:
+                    meta[k] = v
+            return meta
+
         local = self.cache.current(node.bucket, node.key)
         if local is not None and local.dirty:
-            meta = dict(local.row.metadata or {})
-            for k, v in changes.items():
-                if k == "mtime":
-                    local.row.mtime_ns = v
-                else:
-                    meta[k] = str(v)
-            local.row.metadata = meta
+            local.row.metadata = apply(local.row.metadata or {})
+            if mtime_ns is not None:
+                local.row.mtime_ns = mtime_ns
             local.changed_meta()
             try:
                 if local.writers == 0:
@@ -457,9 +467,11 @@ class Operations(pyfuse3.Operations):
         info = await self.ns.revalidate(node, force=True)
         if info.size > 5 << 30:
             raise NotSupported("metadata of objects over 5 GiB cannot be changed in place yet")
-        meta = dict(info.metadata)
-        for k, v in changes.items():
-            meta[k] = str(v) if k != "mtime" else meta_mtime(v)
+        meta = apply(dict(info.metadata))
+        if mtime_ns is not None:
+            meta["mtime"] = meta_mtime(mtime_ns)
+        if len(str(meta)) > 2000:
+            raise pyfuse3.FUSEError(errno.E2BIG)  # S3 keeps at most 2 KB of user metadata
         etag = await self.ns.store.replace_metadata(node.bucket, node.key, info.etag, meta)
         await self.ns.revalidate(node, force=True)
         self.cache.retag(node.bucket, node.key, info.etag, etag, meta)
@@ -596,8 +608,101 @@ class Operations(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
-    # No getxattr/listxattr: answering ENOSYS once makes the kernel stop asking, so `ls -l`
-    # of 10,000 files does not cost 20,000 round trips for security.selinux and ACL names.
+    # ------------------------------------------------------------ extended attributes
+    # Off by default, as in s3fs: when a filesystem answers getxattr, `ls -l` asks it for
+    # security.selinux and ACL names on every file, so 10,000 files cost 20,000 round trips.
+    # Without --xattrs the handlers answer ENOSYS, and the kernel stops asking at once.
+    async def getxattr(self, inode, name, ctx):
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        return await self._getxattr(inode, name)
+
+    @handler
+    async def _getxattr(self, inode, name):
+        node = self.inodes.get(inode)
+        text = name.decode("utf-8", "replace")
+        special = await self._s3_xattrs(node)
+        if text in special:
+            return special[text].encode()
+        if not text.startswith("user.") or not node.kind.is_object:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        meta = await self._user_meta(node)
+        key = text[len("user."):].lower()
+        if key not in meta:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return meta[key].encode()
+
+    async def listxattr(self, inode, ctx):
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        return await self._listxattr(inode)
+
+    @handler
+    async def _listxattr(self, inode):
+        node = self.inodes.get(inode)
+        names = list(await self._s3_xattrs(node))
+        if node.kind.is_object:
+            names += [f"user.{k}" for k in sorted(await self._user_meta(node))]
+        return [n.encode() for n in names]
+
+    async def setxattr(self, inode, name, value, ctx):
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        return await self._change_xattr(inode, name, value)
+
+    async def removexattr(self, inode, name, ctx):
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        return await self._change_xattr(inode, name, None)
+
+    @handler
+    async def _change_xattr(self, inode, name, value):
+        self._writable()
+        node = self.inodes.get(inode)
+        text = name.decode("utf-8", "replace")
+        if text.startswith("user.s3.") or not text.startswith("user."):
+            raise pyfuse3.FUSEError(errno.EPERM if text.startswith("user.s3.") else errno.ENOTSUP)
+        if not node.kind.is_object:
+            raise NotSupported("directories have no metadata of their own")
+        key = text[len("user."):].lower()
+        if key in _RESERVED_META or not key or not _META_KEY.fullmatch(key):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if value is not None:
+            try:
+                value = value.decode("ascii")
+            except UnicodeDecodeError:
+                raise pyfuse3.FUSEError(errno.EINVAL) from None  # S3 metadata is ASCII
+            if not value.isprintable():
+                raise pyfuse3.FUSEError(errno.EINVAL)
+        elif key not in await self._user_meta(node):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        await self._set_meta(node, {key: value})
+
+    async def _user_meta(self, node: Node) -> dict[str, str]:
+        """The object's x-amz-meta-* but those that are file attributes (mtime, mode, ...)."""
+        local = self.cache.current(node.bucket, node.key)
+        if local is not None and local.dirty:
+            meta = dict(local.row.metadata or {})
+        else:
+            info = node.info
+            if info is None or not info.from_head:
+                info = await self.ns.revalidate(node, force=True)
+            meta = dict(info.metadata)
+        return {k: v for k, v in meta.items() if k not in _RESERVED_META}
+
+    async def _s3_xattrs(self, node: Node) -> dict[str, str]:
+        """The read-only user.s3.* names: where the object is, its ETag, what is cached."""
+        out = {"user.s3.uri": f"s3://{node.bucket}/{node.key}"}
+        if not node.kind.is_object:
+            return out
+        local = self.cache.current(node.bucket, node.key)
+        row = local.row if local is not None else self.cache.catalog.get(self.cache.origin,
+                                                                         node.bucket, node.key)
+        etag = row.etag if row is not None and row.dirty else (node.info.etag if node.info else "")
+        if etag:
+            out["user.s3.etag"] = etag
+        out["user.s3.cache"] = self.cache.describe(node.bucket, node.key)
+        return out
 
 
 

@@ -132,7 +132,7 @@ class Mount:
         self.uploader = Uploader(self.store, self.cache, settings.multipart_threshold_mb << 20,
                                  settings.part_size_mb << 20, settings.local_only)
         self.ops = Operations(self.inodes, self.ns, self.cache, self.fetcher, self.uploader,
-                              settings.metadata_ttl, settings.read_only)
+                              settings.metadata_ttl, settings.read_only, settings.xattrs)
 
     def fuse_options(self) -> set[str]:
         opts = set(pyfuse3.default_options)

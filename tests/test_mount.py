@@ -73,7 +73,8 @@ def test_help_is_complete(s3env):
     r = cli("mount", "--help", env=s3env)
     assert r.returncode == 0
     for flag in ("--bucket", "--endpoint-url", "--profile", "--region", "--cache-dir", "--read-only",
-                 "--foreground", "--allow-other", "--metadata-ttl", "--log-file", "--debug"):
+                 "--foreground", "--allow-other", "--metadata-ttl", "--log-file", "--debug",
+                 "--xattrs"):
         assert flag in r.stdout, flag
     assert cli("unmount", "--help", env=s3env).returncode == 0
 

@@ -360,3 +360,36 @@ def test_symlinks_the_s3fs_way(mount, s3, bucket):
     assert sorted(os.listdir(m.path)) == ["from-s3fs", "latest", "results.csv"]
     os.unlink(m.path / "latest")
     assert "latest" not in s3_keys(s3, bucket)
+
+
+def test_user_xattrs_are_object_metadata(mount, s3, bucket):
+    helpers.put_object(s3, bucket, "r.csv", b"1,2\n", Metadata={"project": "beta"})
+    etag = s3.head_object(Bucket=bucket, Key="r.csv")["ETag"].strip('"')
+    m = mount(bucket=bucket, extra_args=["--xattrs"])
+    f = m.path / "r.csv"
+    assert os.getxattr(f, "user.project") == b"beta"
+    assert os.getxattr(f, "user.s3.uri") == f"s3://{bucket}/r.csv".encode()
+    assert os.getxattr(f, "user.s3.etag") == etag.encode()
+    assert os.getxattr(f, "user.s3.cache") == b"none"
+    f.read_bytes()
+    assert os.getxattr(f, "user.s3.cache") == b"complete"
+    os.setxattr(f, "user.project", b"alpha")
+    os.setxattr(f, "user.owner", b"lab-7")
+    assert s3.head_object(Bucket=bucket, Key="r.csv")["Metadata"] == {"project": "alpha", "owner": "lab-7"}
+    assert s3_bytes(s3, bucket, "r.csv") == b"1,2\n"  # changed in place
+    assert set(os.listxattr(f)) >= {"user.project", "user.owner", "user.s3.uri", "user.s3.etag",
+                                    "user.s3.cache"}
+    os.removexattr(f, "user.owner")
+    with pytest.raises(OSError) as e:
+        os.getxattr(f, "user.owner")
+    assert e.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as e:
+        os.setxattr(f, "user.s3.etag", b"forged")
+    assert e.value.errno == errno.EPERM
+    m.remount(extra_args=["--xattrs"])
+    assert os.getxattr(m.path / "r.csv", "user.project") == b"alpha"
+    # a file being written takes its xattrs with its upload
+    with open(m.path / "new.txt", "wb") as w:
+        w.write(b"n")
+        os.setxattr(m.path / "new.txt", "user.stage", b"raw")
+    assert s3.head_object(Bucket=bucket, Key="new.txt")["Metadata"]["stage"] == "raw"

@@ -249,6 +249,19 @@ class Cache:
         if obj is not None:
             self._objects[(bucket, new_key)] = obj
 
+    def describe(self, bucket: str, key: str) -> str:
+        """What the cache holds of an object: complete, partial N/M (blocks), dirty, or none."""
+        obj = self._objects.get((bucket, key))
+        row = obj.row if obj is not None else self.catalog.get(self.origin, bucket, key)
+        if row is None:
+            return "none"
+        if row.dirty:
+            return "dirty"
+        present = obj.present if obj is not None else RangeSet.from_bytes(row.ranges)
+        n = (row.size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        have = sum(min(e, n) - min(s, n) for s, e in present)
+        return "complete" if have >= n else f"partial {have}/{n}"
+
     def forget_object(self, bucket: str, key: str) -> None:
         """The object is gone (unlinked): drop its row and data file. An open descriptor keeps
         working on the unlinked file."""
