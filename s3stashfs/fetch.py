@@ -79,7 +79,6 @@ class Fetcher:
         self.store = store
         self.cache = cache
         self.nursery: trio.Nursery | None = None  # set by the mount: fetches outlive requests
-        self.bytes_fetched = 0
 
     def prefetch(self, obj: CachedObject) -> None:
         """At open: a small object is wanted whole, so start its GET now, while the kernel
@@ -224,7 +223,6 @@ class Fetcher:
         upto = obj.nblocks if pos >= obj.size else pos // BLOCK_SIZE
         upto = min(upto, f.end)
         if upto > marked[0]:
-            self.bytes_fetched += (upto - marked[0]) * BLOCK_SIZE
             obj.mark(marked[0], upto)
             marked[0] = upto
 

@@ -316,7 +316,6 @@ class Store:
                                data_threads + meta_threads + 2)
         self._data = trio.CapacityLimiter(data_threads)
         self._meta = trio.CapacityLimiter(meta_threads)
-        self.requests = 0  # calls made, for status and tests
 
     # ---------------------------------------------------------------- retries
     async def _run(self, what: str, limiter, fn, *args, attempts: int = 5):
@@ -325,7 +324,6 @@ class Store:
         delay = 0.1
         for attempt in range(attempts):
             try:
-                self.requests += 1
                 return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
             except (Throttled, Unreachable) as e:
                 last = attempt == attempts - 1 or (isinstance(e, Unreachable) and attempt >= 2)
@@ -562,13 +560,7 @@ class Store:
                 what, "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
                 MultipartUpload={"Parts": parts}))
         except BaseException:
-            with trio.CancelScope(shield=True):
-                try:
-                    await self._run(what, self._meta, lambda: self._call(
-                        what, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id),
-                        attempts=1)
-                except S3StashError as e:
-                    log.warning("%s: could not abort: %s", what, e)
+            await self._abort(what, bucket, key, upload_id)
             raise
         etag = strip_etag(r.get("ETag", ""))
         expected = f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(starts)}"
@@ -622,13 +614,7 @@ class Store:
                 MultipartUpload={"Parts": [{"ETag": e, "PartNumber": i + 1}
                                            for i, e in enumerate(etags)]}))
         except BaseException:
-            with trio.CancelScope(shield=True):
-                try:
-                    await self._run(what, self._meta, lambda: self._call(
-                        what, "abort_multipart_upload", Bucket=bucket, Key=dst,
-                        UploadId=upload_id), attempts=1)
-                except S3StashError as e:
-                    log.warning("%s: could not abort: %s", what, e)
+            await self._abort(what, bucket, dst, upload_id)
             raise
         return strip_etag(r.get("ETag", ""))
 
@@ -649,6 +635,16 @@ class Store:
             token = r.get("NextContinuationToken") if r.get("IsTruncated") else None
             if token is None:
                 return out
+
+    async def _abort(self, what: str, bucket: str, key: str, upload_id: str) -> None:
+        """Best effort, even while being cancelled: no parts left behind to be billed."""
+        with trio.CancelScope(shield=True):
+            try:
+                await self._run(what, self._meta, lambda: self._call(
+                    what, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id),
+                    attempts=1)
+            except S3StashError as e:
+                log.warning("%s: could not abort: %s", what, e)
 
     async def put_marker(self, bucket: str, key: str) -> None:
         what = f"PUT s3://{bucket}/{key}"
