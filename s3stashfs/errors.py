@@ -105,3 +105,18 @@ def errno_for(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return errno.ENOSPC
     return errno.EIO
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """trio nurseries raise exception groups; a caller wants one error: the first domain error
+    (it carries the errno), else the first exception of any kind."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+    walk(group)
+    return next((e for e in leaves if isinstance(e, S3StashError)), leaves[0])

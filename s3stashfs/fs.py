@@ -15,7 +15,6 @@ import stat
 import time
 
 import pyfuse3
-import trio
 
 from .cache import Cache, CachedObject
 from .errors import (Changed, Exists, IsADirectory, NotADirectory, NotEmpty, NotFound,
@@ -23,7 +22,7 @@ from .errors import (Changed, Exists, IsADirectory, NotADirectory, NotEmpty, Not
 from .fetch import Fetcher, ReadState
 from .inodes import InodeTable, Kind, Node
 from .namespace import Namespace
-from .store import meta_mtime
+from .store import meta_mtime, run_all
 from .uploads import Uploader
 
 log = logging.getLogger(__name__)
@@ -534,22 +533,22 @@ class Operations(pyfuse3.Operations):
         part-way leaves each object in at least one place. Not atomic."""
         store = self.ns.store
         keys = await store.list_all(node.bucket, node.key)
-        async with trio.open_nursery() as n:
-            for key, info in keys:
-                if key.endswith("/") and info.size == 0:
-                    n.start_soon(store.put_marker, node.bucket, new_key + key[len(node.key):])
-                else:
-                    n.start_soon(store.copy, node.bucket, key, new_key + key[len(node.key):],
-                                 info.etag, info.size, self.uploader.part_size)
+
+        async def copy(_, item):
+            key, info = item
+            if key.endswith("/") and info.size == 0:
+                await store.put_marker(node.bucket, new_key + key[len(node.key):])
+            else:
+                await store.copy(node.bucket, key, new_key + key[len(node.key):], info.etag,
+                                 info.size, self.uploader.part_size)
+        await run_all(copy, keys)
         if not any(k == node.key for k, _ in keys):
             await store.put_marker(node.bucket, new_key)  # the directory itself persists
         for obj in list(self.cache.local_objects()):  # local changes move with it
             if obj.bucket == node.bucket and obj.key.startswith(node.key):
                 self.cache.move(obj.bucket, obj.key, new_key + obj.key[len(node.key):])
                 obj.gen += 1
-        async with trio.open_nursery() as n:
-            for key, _ in keys:
-                n.start_soon(store.delete_object, node.bucket, key)
+        await run_all(lambda _, item: store.delete_object(node.bucket, item[0]), keys)
         for key, info in keys:
             self.cache.move(node.bucket, key, new_key + key[len(node.key):], None)
         self.uploader.kick()

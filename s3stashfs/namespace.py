@@ -19,7 +19,7 @@ import time
 import trio
 
 from .cache import Cache
-from .errors import Denied, InvalidName, NotADirectory, NotFound
+from .errors import Denied, InvalidName, NotADirectory, NotFound, first_error
 from .inodes import InodeTable, Kind, Node
 from .store import ObjectInfo, Store
 
@@ -128,9 +128,12 @@ class Namespace:
             page = await self.store.list_page(parent.bucket, key + "/", max_keys=1)
             found["dir"] = bool(page.prefixes or page.keys)
 
-        async with trio.open_nursery() as n:
-            n.start_soon(head)
-            n.start_soon(as_dir)
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(head)
+                n.start_soon(as_dir)
+        except BaseExceptionGroup as eg:
+            raise first_error(eg) from None
         info = found["head"]
         if found["dir"]:
             if info is not None:

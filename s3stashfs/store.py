@@ -37,7 +37,7 @@ from botocore.config import Config
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
 from .errors import (ChecksumMismatch, Changed, Denied, MountError, NotFound, S3StashError,
-                     StoreError, Throttled, Unreachable)
+                     StoreError, Throttled, Unreachable, first_error)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,16 @@ def _parse_timestamp(value):
         except ValueError:
             pass
     return botocore_parse_timestamp(value)
+
+
+async def run_all(fn, items) -> None:
+    """``fn(i, item)`` for every item, concurrently; the first domain error, not a group."""
+    try:
+        async with trio.open_nursery() as n:
+            for i, item in enumerate(items):
+                n.start_soon(fn, i, item)
+    except BaseExceptionGroup as eg:
+        raise first_error(eg) from None
 
 
 def _pread_all(fd: int, off: int, size: int) -> bytes:
@@ -552,9 +562,7 @@ class Store:
             digests[i], etags[i] = await self._run(part_what, self._data, call)
 
         try:
-            async with trio.open_nursery() as n:
-                for i, start in enumerate(starts):
-                    n.start_soon(part, i, start)
+            await run_all(part, starts)
             parts = [{"ETag": f'"{e}"', "PartNumber": i + 1} for i, e in enumerate(etags)]
             r = await self._run(what, self._meta, lambda: self._call(
                 what, "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
@@ -606,9 +614,7 @@ class Store:
                 CopySourceRange=f"bytes={start}-{end}"))
             etags[i] = rr["CopyPartResult"]["ETag"]
         try:
-            async with trio.open_nursery() as n:
-                for i, start in enumerate(starts):
-                    n.start_soon(part, i, start)
+            await run_all(part, starts)
             r = await self._run(what, self._meta, lambda: self._call(
                 what, "complete_multipart_upload", Bucket=bucket, Key=dst, UploadId=upload_id,
                 MultipartUpload={"Parts": [{"ETag": e, "PartNumber": i + 1}

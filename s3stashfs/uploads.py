@@ -17,7 +17,7 @@ import trio
 
 from .cache import Cache, CachedObject
 from .errors import S3StashError
-from .store import Store, meta_mtime
+from .store import Store, meta_mtime, run_all
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +57,30 @@ class Uploader:
             gen = obj.gen
             if obj.unlinked or not obj.dirty or obj.uploaded_gen == gen or self.is_local_only(obj.key):
                 return
-            await self.cache.sync_one(obj)  # durable before anything is tried
             meta = dict(obj.row.metadata or {})
             meta["mtime"] = meta_mtime(obj.row.mtime_ns)
             fd = self.cache.ensure_open(obj)
-            try:
+            sent: list[str] = []
+
+            async def send(_, __):
                 if obj.size <= self.threshold:
-                    etag = await self.store.put_file(obj.bucket, obj.key, fd, obj.size, meta)
+                    sent.append(await self.store.put_file(obj.bucket, obj.key, fd, obj.size, meta))
                 else:
-                    etag = await self.store.multipart_upload(
+                    sent.append(await self.store.multipart_upload(
                         obj.bucket, obj.key, fd, obj.size, part_size_for(obj.size, self.part_size),
-                        meta)
+                        meta))
+
+            async def durable(_, __):
+                await self.cache.sync_one(obj)
+
+            # The local copy is made durable while the upload runs, not before it: whatever
+            # happens to the upload, close() returns only once both are done.
+            try:
+                await run_all(lambda i, job: job(i, None), [durable, send])
             except S3StashError as e:
                 self._failed(obj, e)
                 raise
+            etag = sent[0]
             obj.row.metadata = meta
             self.cache.uploaded(obj, gen, etag)
             log.info("uploaded s3://%s/%s (%d bytes, ETag %s)", obj.bucket, obj.key, obj.size, etag)

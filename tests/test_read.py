@@ -245,3 +245,18 @@ def test_whole_fetch_asks_for_and_checks_s3_checksum(mount, s3, bucket, moto_ser
     assert len(gets) == 1 and gets[0].range is None
     assert {k.lower(): v for k, v in gets[0].headers.items()}.get("x-amz-checksum-mode") == "ENABLED"
     assert gets[0].if_match
+
+
+@pytest.mark.expect_log("unreachable")
+def test_lookup_while_unreachable_is_enetunreach_not_enoent(mount, s3, bucket, moto_server):
+    helpers.put_object(s3, bucket, "d/x.txt", b"x")
+    m = mount(bucket=bucket, extra_args=["--metadata-ttl", "0"])
+    moto_server.stop()
+    try:
+        for p in (m.path / "d", m.path / "d" / "x.txt", m.path / "never-seen"):
+            with pytest.raises(OSError) as e:
+                os.stat(p)
+            assert e.value.errno == errno.ENETUNREACH, p
+    finally:
+        moto_server.start()
+    assert (m.path / "d" / "x.txt").read_bytes() == b"x"
