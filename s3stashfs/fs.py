@@ -102,7 +102,7 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = self.ttl
         a.attr_timeout = self.ttl
         a.st_uid, a.st_gid = self.uid, self.gid
-        a.st_blksize = 128 * 1024
+        a.st_blksize = 1 << 20  # programs size their buffers by it: 1 MiB is the largest FUSE request
         if node.kind.is_object:
             info = node.info
             local = self.cache.current(node.bucket, node.key)
