@@ -122,6 +122,7 @@ class Mount:
         self.mountpoint = mountpoint
         self.store = Store(settings)
         self.cache = Cache(settings.cache_dir, settings.origin, settings.file_mode)
+        self.cache.load_dirty()  # local changes are shown (and, unless read-only, uploaded)
         if settings.bucket:
             root = (Kind.BUCKET, settings.bucket, settings.prefix)
         else:

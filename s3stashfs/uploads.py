@@ -62,7 +62,7 @@ class Uploader:
             fd = self.cache.ensure_open(obj)
             sent: list[str] = []
 
-            async def send(_, __):
+            async def send():
                 if obj.size <= self.threshold:
                     sent.append(await self.store.put_file(obj.bucket, obj.key, fd, obj.size, meta))
                 else:
@@ -70,13 +70,13 @@ class Uploader:
                         obj.bucket, obj.key, fd, obj.size, part_size_for(obj.size, self.part_size),
                         meta))
 
-            async def durable(_, __):
+            async def durable():
                 await self.cache.sync_one(obj)
 
             # The local copy is made durable while the upload runs, not before it: whatever
             # happens to the upload, close() returns only once both are done.
             try:
-                await run_all(lambda i, job: job(i, None), [durable, send])
+                await run_all(lambda _, job: job(), [durable, send])
             except S3StashError as e:
                 self._failed(obj, e)
                 raise
@@ -94,8 +94,8 @@ class Uploader:
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Background: upload every dirty object no one is writing, when its retry time comes
-        (at once for what a previous mount left dirty)."""
-        pending = self.cache.load_dirty()
+        (at once for what a previous mount left dirty: the cache loaded those at mount)."""
+        pending = [o for o in self.cache.local_objects() if not self.is_local_only(o.key)]
         if pending:
             log.info("%d file(s) with changes not yet in S3: uploading", len(pending))
         task_status.started()
