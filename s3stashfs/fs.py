@@ -203,7 +203,8 @@ class Operations(pyfuse3.Operations):
             else:
                 self.fetcher.prefetch(obj)
                 self._prefetch_siblings(node)
-        return pyfuse3.FileInfo(fh=self._new_handle(node, obj, writing), keep_cache=same)
+        return pyfuse3.FileInfo(fh=self._new_handle(node, obj, writing), keep_cache=same,
+                                direct_io=_write_only(flags))
 
     def _new_handle(self, node: Node, obj: CachedObject, writable: bool) -> int:
         fh = self._next_fh
@@ -343,7 +344,7 @@ class Operations(pyfuse3.Operations):
         self.ns.local_changed(node, obj)
         fh = self._new_handle(node, obj, True)
         self.inodes.incref(node)
-        return pyfuse3.FileInfo(fh=fh), self.attrs(node)
+        return pyfuse3.FileInfo(fh=fh, direct_io=_write_only(flags)), self.attrs(node)
 
     async def _maybe_lookup(self, parent: Node, name: bytes) -> Node | None:
         try:
@@ -703,6 +704,13 @@ class Operations(pyfuse3.Operations):
         out["user.s3.cache"] = self.cache.describe(node.bucket, node.key)
         return out
 
+
+
+def _write_only(flags: int) -> bool:
+    """A descriptor that only writes bypasses the kernel's page cache (direct_io): the bytes
+    are copied once, into the cache file, instead of into two page caches. It cannot read or
+    map the file, so it loses nothing by it."""
+    return flags & os.O_ACCMODE == os.O_WRONLY
 
 
 def _meta_int(meta: dict, name: str, default: int) -> int:

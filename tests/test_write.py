@@ -393,3 +393,21 @@ def test_user_xattrs_are_object_metadata(mount, s3, bucket):
         w.write(b"n")
         os.setxattr(m.path / "new.txt", "user.stage", b"raw")
     assert s3.head_object(Bucket=bucket, Key="new.txt")["Metadata"]["stage"] == "raw"
+
+
+def test_reader_sees_what_a_write_only_descriptor_wrote(mount, s3, bucket):
+    """Write-only descriptors bypass the page cache; readers must still see their bytes."""
+    helpers.put_object(s3, bucket, "coherent.txt", b"A" * 8192)
+    m = mount(bucket=bucket)
+    p = m.path / "coherent.txt"
+    with open(p, "rb") as r:
+        assert r.read() == b"A" * 8192  # the kernel now caches these pages
+        fd = os.open(p, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"B" * 100, 10)
+        finally:
+            os.close(fd)
+        r.seek(0)
+        assert r.read(200) == b"A" * 10 + b"B" * 100 + b"A" * 90
+    assert p.read_bytes()[:200] == b"A" * 10 + b"B" * 100 + b"A" * 90
+    assert s3_bytes(s3, bucket, "coherent.txt")[:200] == b"A" * 10 + b"B" * 100 + b"A" * 90
