@@ -225,6 +225,8 @@ class Operations(pyfuse3.Operations):
             async with obj.lock:
                 os.ftruncate(self.cache.ensure_open(obj), 0)
                 obj.changed_locally(0)
+                self.uploader.break_stream(obj)
+                obj.seq_end = 0
             obj.opens += 1
             return obj
         obj = self.cache.create_local(node.bucket, node.key)
@@ -302,6 +304,7 @@ class Operations(pyfuse3.Operations):
                 pos += n
                 view = view[n:]
             obj.changed_locally(max(obj.size, off + len(buf)))
+            self.uploader.wrote(obj, off, len(buf))
         return len(buf)
 
     @handler
@@ -384,6 +387,8 @@ class Operations(pyfuse3.Operations):
         if node.kind.is_dir:
             raise IsADirectory(repr(node))
         local = self.cache.current(node.bucket, node.key)
+        if local is not None:
+            self.uploader.break_stream(local)
         never_uploaded = local is not None and local.dirty and not local.etag
         if not never_uploaded:
             await self.ns.store.delete_object(node.bucket, node.key)

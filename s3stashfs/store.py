@@ -537,41 +537,54 @@ class Store:
                                metadata: dict[str, str]) -> str:
         """Upload ``fd`` in parts sent in parallel, each with its Content-MD5; the ETag S3 gives
         the whole must be the one its parts' MD5s make. Aborted on any failure."""
+        upload_id = await self.start_multipart(bucket, key, metadata)
+        starts = list(range(0, size, part_size)) or [0]
+        parts: list[tuple[bytes, str]] = [(b"", "")] * len(starts)
+
+        async def part(i: int, start: int) -> None:
+            parts[i] = await self.upload_part(bucket, key, upload_id, i + 1, fd, start,
+                                              min(part_size, size - start))
+        try:
+            await run_all(part, starts)
+            return await self.complete_multipart(bucket, key, upload_id, parts)
+        except BaseException:
+            await self.abort_multipart(bucket, key, upload_id)
+            raise
+
+    async def start_multipart(self, bucket: str, key: str, metadata: dict[str, str]) -> str:
         what = f"multipart upload of s3://{bucket}/{key}"
         r = await self._run(what, self._meta, lambda: self._call(
             what, "create_multipart_upload", Bucket=bucket, Key=key, Metadata=metadata))
-        upload_id = r["UploadId"]
-        starts = list(range(0, size, part_size)) or [0]
-        digests: list[bytes] = [b""] * len(starts)
-        etags: list[str] = [""] * len(starts)
+        return r["UploadId"]
 
-        async def part(i: int, start: int) -> None:
-            n = i + 1
-            part_what = f"{what}, part {n}"
+    async def upload_part(self, bucket: str, key: str, upload_id: str, n: int, fd: int,
+                          start: int, length: int) -> tuple[bytes, str]:
+        """Part ``n`` = ``length`` bytes of ``fd`` at ``start``, with its Content-MD5; returns
+        (MD5 digest, ETag), the ETag checked to be that MD5."""
+        what = f"multipart upload of s3://{bucket}/{key}, part {n}"
 
-            def call():
-                data = _pread_all(fd, start, min(part_size, size - start))
-                md5 = hashlib.md5(data, usedforsecurity=False)
-                rr = self._call(part_what, "upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
-                                PartNumber=n, Body=data,
-                                ContentMD5=base64.b64encode(md5.digest()).decode())
-                etag = strip_etag(rr.get("ETag", ""))
-                if etag != md5.hexdigest():
-                    raise ChecksumMismatch(f"{part_what}: S3 stored MD5 {etag}")
-                return md5.digest(), etag
-            digests[i], etags[i] = await self._run(part_what, self._data, call)
+        def call():
+            data = _pread_all(fd, start, length)
+            md5 = hashlib.md5(data, usedforsecurity=False)
+            rr = self._call(what, "upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
+                            PartNumber=n, Body=data, ContentMD5=base64.b64encode(md5.digest()).decode())
+            etag = strip_etag(rr.get("ETag", ""))
+            if etag != md5.hexdigest():
+                raise ChecksumMismatch(f"{what}: S3 stored MD5 {etag}")
+            return md5.digest(), etag
+        return await self._run(what, self._data, call)
 
-        try:
-            await run_all(part, starts)
-            parts = [{"ETag": f'"{e}"', "PartNumber": i + 1} for i, e in enumerate(etags)]
-            r = await self._run(what, self._meta, lambda: self._call(
-                what, "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
-                MultipartUpload={"Parts": parts}))
-        except BaseException:
-            await self._abort(what, bucket, key, upload_id)
-            raise
+    async def complete_multipart(self, bucket: str, key: str, upload_id: str,
+                                 parts: list[tuple[bytes, str]]) -> str:
+        """Join the parts; the ETag S3 gives the whole must be the one the parts' MD5s make."""
+        what = f"multipart upload of s3://{bucket}/{key}"
+        listed = [{"ETag": f'"{e}"', "PartNumber": i + 1} for i, (_, e) in enumerate(parts)]
+        r = await self._run(what, self._meta, lambda: self._call(
+            what, "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
+            MultipartUpload={"Parts": listed}))
         etag = strip_etag(r.get("ETag", ""))
-        expected = f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(starts)}"
+        joined = hashlib.md5(b"".join(d for d, _ in parts), usedforsecurity=False).hexdigest()
+        expected = f"{joined}-{len(parts)}"
         if etag != expected:
             raise ChecksumMismatch(f"{what}: S3 made ETag {etag}, the parts make {expected}")
         return etag
@@ -620,7 +633,7 @@ class Store:
                 MultipartUpload={"Parts": [{"ETag": e, "PartNumber": i + 1}
                                            for i, e in enumerate(etags)]}))
         except BaseException:
-            await self._abort(what, bucket, dst, upload_id)
+            await self.abort_multipart(bucket, dst, upload_id)
             raise
         return strip_etag(r.get("ETag", ""))
 
@@ -642,8 +655,9 @@ class Store:
             if token is None:
                 return out
 
-    async def _abort(self, what: str, bucket: str, key: str, upload_id: str) -> None:
+    async def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None:
         """Best effort, even while being cancelled: no parts left behind to be billed."""
+        what = f"abort multipart upload of s3://{bucket}/{key}"
         with trio.CancelScope(shield=True):
             try:
                 await self._run(what, self._meta, lambda: self._call(

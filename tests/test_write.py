@@ -411,3 +411,41 @@ def test_reader_sees_what_a_write_only_descriptor_wrote(mount, s3, bucket):
         assert r.read(200) == b"A" * 10 + b"B" * 100 + b"A" * 90
     assert p.read_bytes()[:200] == b"A" * 10 + b"B" * 100 + b"A" * 90
     assert s3_bytes(s3, bucket, "coherent.txt")[:200] == b"A" * 10 + b"B" * 100 + b"A" * 90
+
+
+def test_large_file_written_front_to_back_is_uploaded_while_written(mount, s3, bucket, moto_server):
+    m = mount(bucket=bucket)
+    data = helpers.random_bytes(40 * MiB + 123, seed=77)
+    mark = moto_server.mark()
+    with open(m.path / "stream.bin", "wb") as f:
+        for off in range(0, 36 * MiB, MiB):
+            f.write(data[off:off + MiB])
+        # parts are on their way before the file is closed
+        helpers.wait_for(lambda: len(moto_server.requests_since(mark, op="UploadPart")) >= 3,
+                         timeout=30, message="parts to be uploaded while the file is written")
+        f.write(data[36 * MiB:])
+    assert s3_bytes(s3, bucket, "stream.bin") == data
+    assert s3.head_object(Bucket=bucket, Key="stream.bin")["ETag"].strip('"').endswith("-6")
+    assert (m.path / "stream.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("change", ["rewrite-early-part", "truncate", "chmod"])
+def test_a_file_not_written_front_to_back_is_uploaded_whole(mount, s3, bucket, change):
+    m = mount(bucket=bucket)
+    data = bytearray(helpers.random_bytes(24 * MiB, seed=78))
+    with open(m.path / "twist.bin", "wb") as f:
+        f.write(data[:20 * MiB])
+        if change == "rewrite-early-part":
+            f.seek(3 * MiB)
+            f.write(b"X" * 1000)
+            data[3 * MiB:3 * MiB + 1000] = b"X" * 1000
+            f.seek(20 * MiB)
+            f.write(data[20 * MiB:])
+        elif change == "truncate":
+            f.truncate(12 * MiB)
+            del data[12 * MiB:]
+        else:
+            os.chmod(m.path / "twist.bin", 0o600)
+            f.write(data[20 * MiB:])
+    assert s3_bytes(s3, bucket, "twist.bin") == bytes(data)
+    assert (m.path / "twist.bin").read_bytes() == bytes(data)

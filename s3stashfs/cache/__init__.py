@@ -76,6 +76,8 @@ class CachedObject:
         self.lock = trio.Lock()  # an upload reads the file: writes wait for it
         self.retry_at = 0.0
         self.retry_delay = 0.0
+        self.seq_end = -1  # where the next write must land to keep the file "front to back"
+        self.stream = None  # uploads._Stream: parts uploaded while the file is written
 
     bucket = property(lambda self: self.row.bucket)
     key = property(lambda self: self.row.key)
@@ -199,6 +201,7 @@ class Cache:
             self._unlink(base.file)
         obj = CachedObject(row, self.dir / row.file)
         obj.gen = 1
+        obj.seq_end = 0
         self._objects[(bucket, key)] = obj
         self.ensure_open(obj)
         return obj
