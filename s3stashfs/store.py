@@ -663,7 +663,7 @@ class Store:
                 await self._run(what, self._meta, lambda: self._call(
                     what, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id),
                     attempts=1)
-            except S3StashError as e:
+            except Exception as e:  # noqa: BLE001 - best effort
                 log.warning("%s: could not abort: %s", what, e)
 
     async def put_marker(self, bucket: str, key: str) -> None:

@@ -111,7 +111,7 @@ class Uploader:
     async def _stream_start(self, obj: CachedObject, st: _Stream) -> None:
         try:
             st.upload_id = await self.store.start_multipart(obj.bucket, st.key, st.meta)
-        except S3StashError as e:
+        except Exception as e:  # noqa: BLE001 - the close then uploads the whole file
             st.error = e
         finally:
             st.ready.set()
@@ -125,7 +125,7 @@ class Uploader:
             st.parts[i] = await self.store.upload_part(
                 obj.bucket, st.key, st.upload_id, i + 1, self.cache.ensure_open(obj),
                 i * st.part_size, st.part_size)
-        except S3StashError as e:
+        except Exception as e:  # noqa: BLE001 - the close then uploads the whole file
             st.error = e
         finally:
             st.running -= 1
@@ -136,7 +136,7 @@ class Uploader:
         while st.running:
             await st.changed.wait()
         if st.upload_id is not None:
-            await self.store.abort_multipart(bucket, st.key, st.upload_id)
+            await self.store.abort_multipart(bucket, st.key, st.upload_id)  # never raises
 
     def _stream_usable(self, obj: CachedObject) -> bool:
         st = obj.stream
@@ -153,6 +153,8 @@ class Uploader:
         await st.ready.wait()
         last = -(-obj.size // st.part_size)
         try:
+            if st.error is not None:
+                raise st.error
             async def part(_, i):
                 st.parts[i] = await self.store.upload_part(
                     obj.bucket, st.key, st.upload_id, i + 1, fd, i * st.part_size,
