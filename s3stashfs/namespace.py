@@ -277,8 +277,7 @@ class Namespace:
         if self.ttl > 0:
             self._negative[(parent.ino, name)] = time.monotonic() + self.ttl
         node = self.inodes.existing_child(parent, name)
-        if node is not None:
-            node.info = None
+        if node is not None:  # its last attributes stay: an open descriptor may still fstat it
             node.listing = None
 
     def local_changed(self, node: Node, obj) -> None:

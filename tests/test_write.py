@@ -163,6 +163,7 @@ def test_unlink_while_open_keeps_descriptor_working(mount, s3, bucket):
         assert not (m.path / "u.txt").exists()
         assert "u.txt" not in s3_keys(s3, bucket)
         assert os.pread(fd, 100, 0) == b"still here"
+        assert os.fstat(fd).st_size == len(b"still here")
     finally:
         os.close(fd)
     assert "u.txt" not in s3_keys(s3, bucket)
