@@ -96,6 +96,7 @@ class MountError(Exception):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+        self.unreachable = False  # S3 could not be reached (a cache may still be served)
 
 
 def errno_for(exc: BaseException) -> int:

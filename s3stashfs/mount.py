@@ -151,6 +151,8 @@ class Mount:
             async with trio.open_nursery() as nursery:
                 self.fetcher.nursery = nursery
                 await nursery.start(self.cache.run)
+                await nursery.start(self.store.connectivity.run,
+                                    lambda: self.store.probe(self.settings.bucket))
                 if not self.settings.read_only:
                     await nursery.start(self.uploader.run)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
@@ -247,7 +249,12 @@ def serve(settings: Settings, mountpoint: Path, on_ready=lambda: None) -> None:
     lock_fd = lock_cache_dir(settings.cache_dir)
     try:
         m = Mount(settings, real)
-        m.store.check_access(settings.bucket, settings.buckets)
+        try:
+            m.store.check_access(settings.bucket, settings.buckets)
+        except MountError as e:
+            if not e.unreachable or m.cache.catalog.is_empty():
+                raise
+            m.store.connectivity.unreachable(str(e))  # a cache to serve: mount offline
         log.info("mounting %s on %s (cache %s)", settings.bucket or "all buckets", real,
                  settings.cache_dir)
         trio.run(m.run, on_ready)

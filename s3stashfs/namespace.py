@@ -19,7 +19,7 @@ import time
 import trio
 
 from .cache import Cache
-from .errors import Denied, InvalidName, NotADirectory, NotFound, first_error
+from .errors import Denied, InvalidName, NotADirectory, NotFound, Unreachable, first_error
 from .inodes import InodeTable, Kind, Node
 from .store import ObjectInfo, Store
 
@@ -102,8 +102,11 @@ class Namespace:
             node = self.inodes.child(parent, name, kind_of(info), parent.bucket, parent.key + text)
             self._set_info(node, info, from_head=True)
             return node
-        node = await (self._lookup_bucket(parent, name, text) if parent.kind is Kind.ROOT
-                      else self._lookup_key(parent, name, text))
+        try:
+            node = await (self._lookup_bucket(parent, name, text) if parent.kind is Kind.ROOT
+                          else self._lookup_key(parent, name, text))
+        except Unreachable:
+            return self._offline_lookup(parent, name, text)
         if node is None:
             if self.ttl > 0:
                 self._negative[(parent.ino, name)] = time.monotonic() + self.ttl
@@ -172,7 +175,13 @@ class Namespace:
             if node.info_src == "head":
                 node.info_src = "used"
             return node.info
-        info = await self.store.head_object(node.bucket, node.key)
+        try:
+            info = await self.store.head_object(node.bucket, node.key)
+        except Unreachable:
+            row = self.cache.catalog.get(self.cache.origin, node.bucket, node.key)
+            if row is None:
+                raise
+            return row_info(row)  # offline: the cached version is served
         if info is None:
             node.info = None
             raise NotFound(f"s3://{node.bucket}/{node.key}")
@@ -187,8 +196,14 @@ class Namespace:
         lock = self._listing_locks.setdefault(node.ino, trio.Lock())
         async with lock:  # concurrent `ls` of one directory share one listing
             if node.listing is None or not self._fresh(node.listing_at):
-                children = await (self._list_buckets(node) if node.kind is Kind.ROOT
-                                  else self._list_prefix(node))
+                try:
+                    children = await (self._list_buckets(node) if node.kind is Kind.ROOT
+                                      else self._list_prefix(node))
+                except Unreachable:
+                    if node.listing is None:  # offline, never listed: what the cache knows,
+                        node.listing = Listing(self._offline_listing(node))
+                        node.listing_at = 0.0  # which is not S3's word: lookups still ask
+                    return list(node.listing.children.values())
                 node.listing = Listing(children)
                 node.listing_at = time.monotonic()
         return list(node.listing.children.values())
@@ -241,6 +256,48 @@ class Namespace:
                 child = self.inodes.child(node, rest.encode(), kind_of(info), bucket, obj.key)
                 self._set_info(child, info, from_head=True)
                 children.setdefault(rest.encode(), child)
+        return children
+
+    # ---------------------------------------------------------------- offline
+    def _offline_lookup(self, parent: Node, name: bytes, text: str) -> Node:
+        """S3 cannot be asked: answer from what is known, and never ENOENT for what may exist."""
+        if parent.listing is not None:  # a listing older than the TTL is still the best word
+            node = parent.listing.children.get(name)
+            if node is not None:
+                return node
+        if parent.kind is not Kind.ROOT:
+            key = parent.key + text
+            row = self.cache.catalog.get(self.cache.origin, parent.bucket, key)
+            if row is not None:
+                info = row_info(row)
+                node = self.inodes.child(parent, name, kind_of(info), parent.bucket, key)
+                self._set_info(node, info, from_head=True)
+                return node
+            if self.cache.catalog.rows_under(self.cache.origin, parent.bucket, key + "/"):
+                return self.inodes.child(parent, name, Kind.DIR, parent.bucket, key + "/")
+        raise Unreachable(f"s3://{parent.bucket}/{parent.key}{text}: S3 is unreachable")
+
+    def _offline_listing(self, node: Node) -> dict[bytes, Node]:
+        """A directory never listed before: what the cache holds of it, or ENETUNREACH."""
+        if node.kind is Kind.ROOT:
+            raise Unreachable("the bucket list: S3 is unreachable")
+        rows = self.cache.catalog.rows_under(self.cache.origin, node.bucket, node.key)
+        if not rows:
+            raise Unreachable(f"s3://{node.bucket}/{node.key}: S3 is unreachable")
+        children: dict[bytes, Node] = {}
+        for row in rows:
+            rest = row.key[len(node.key):]
+            first, sep, _ = rest.partition("/")
+            if not valid_name(first):
+                continue
+            if sep:
+                children.setdefault(first.encode(), self.inodes.child(
+                    node, first.encode(), Kind.DIR, node.bucket, node.key + first + "/"))
+            else:
+                info = row_info(row)
+                child = self.inodes.child(node, first.encode(), kind_of(info), node.bucket, row.key)
+                self._set_info(child, info, from_head=True)
+                children.setdefault(first.encode(), child)
         return children
 
     # ---------------------------------------------------------------- changes
@@ -299,6 +356,13 @@ def kind_of(info: ObjectInfo) -> Kind:
         return Kind.SYMLINK if mode is not None and stat.S_ISLNK(int(mode)) else Kind.FILE
     except ValueError:
         return Kind.FILE
+
+
+def row_info(row) -> ObjectInfo:
+    """A cached version, as S3 described it when it was cached."""
+    return ObjectInfo(etag=row.etag, size=row.size, last_modified_ns=row.mtime_ns,
+                      mtime_ns=row.mtime_ns, metadata=tuple(sorted((row.metadata or {}).items())),
+                      from_head=True)
 
 
 def local_info(obj) -> ObjectInfo:

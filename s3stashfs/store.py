@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import re
+import time
 import urllib.parse
 import zlib
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
+from .connectivity import Connectivity
 from .errors import (ChecksumMismatch, Changed, Denied, MountError, NotFound, S3StashError,
                      StoreError, Throttled, Unreachable, first_error)
 
@@ -324,13 +326,18 @@ class Store:
         self._client = session.client("s3", endpoint_url=settings.endpoint_url, config=config)
         self._direct = _Direct(self._client, session, style, (connect_timeout, read_timeout),
                                data_threads + meta_threads + 2)
+        self.connectivity = Connectivity()
         self._data = trio.CapacityLimiter(data_threads)
         self._meta = trio.CapacityLimiter(meta_threads)
 
     # ---------------------------------------------------------------- retries
-    async def _run(self, what: str, limiter, fn, *args, attempts: int = 5):
+    async def _run(self, what: str, limiter, fn, *args, attempts: int = 5, probe: bool = False):
         """Run ``fn`` in a worker thread; retry throttling with backoff and full jitter, and
-        an unreachable endpoint twice, quickly (being offline must be noticed fast)."""
+        an unreachable endpoint twice, quickly (being offline must be noticed fast). While the
+        mount is offline, fail at once: only the connectivity probe asks S3."""
+        if not self.connectivity.online and not probe:
+            raise Unreachable(f"{what}: S3 is unreachable (offline since "
+                              f"{time.strftime('%H:%M:%S', time.localtime(self.connectivity.since))})")
         delay = 0.1
         for attempt in range(attempts):
             try:
@@ -338,6 +345,8 @@ class Store:
             except (Throttled, Unreachable) as e:
                 last = attempt == attempts - 1 or (isinstance(e, Unreachable) and attempt >= 2)
                 if last:
+                    if isinstance(e, Unreachable) and not probe:
+                        self.connectivity.unreachable(str(e))
                     raise
                 log.debug("%s: %s; retrying", what, e)
                 await trio.sleep(random.uniform(0, delay))
@@ -399,6 +408,24 @@ class Store:
             except NotFound:
                 return False
         return await self._run(what, self._meta, call)
+
+    async def probe(self, bucket: str | None) -> bool:
+        """Does S3 answer? (One request, no retries: the connectivity probe.)"""
+        def call():
+            if bucket:
+                try:
+                    self._call("probe", "head_bucket", Bucket=bucket)
+                except (NotFound, Denied):
+                    pass  # it answered
+            else:
+                self._call("probe", "list_buckets")
+        try:
+            await self._run("probe", self._meta, call, attempts=1, probe=True)
+            return True
+        except Unreachable:
+            return False
+        except S3StashError:
+            return True
 
     async def list_buckets(self) -> list[str]:
         r = await self._run("ListBuckets", self._meta, lambda: self._call("ListBuckets", "list_buckets"))
@@ -692,6 +719,8 @@ class Store:
         except Denied as e:
             raise MountError(f"S3 refused access ({e}); check the credentials, profile and bucket") from None
         except Unreachable as e:
-            raise MountError(f"cannot reach S3: {e}") from None
+            err = MountError(f"cannot reach S3: {e}")
+            err.unreachable = True
+            raise err from None
         except S3StashError as e:
             raise MountError(f"S3 error at mount: {e}") from None

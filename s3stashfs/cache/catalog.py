@@ -152,5 +152,15 @@ class Catalog:
         return [self._row(r) for r in self._db.execute(
             f"SELECT {','.join(_COLS)} FROM objects WHERE origin=? AND dirty=1", (origin,))]
 
+    def rows_under(self, origin: str, bucket: str, prefix: str) -> list[Row]:
+        """Every cached object under ``prefix`` (offline listings)."""
+        hi = prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
+        return [self._row(r) for r in self._db.execute(
+            f"SELECT {','.join(_COLS)} FROM objects WHERE origin=? AND bucket=? AND key>=? AND key<?",
+            (origin, bucket, prefix, hi))]
+
+    def is_empty(self) -> bool:
+        return self._db.execute("SELECT 1 FROM objects LIMIT 1").fetchone() is None
+
     def all_files(self) -> set[str]:
         return {f for (f,) in self._db.execute("SELECT file FROM objects")}
