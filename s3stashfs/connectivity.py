@@ -22,6 +22,7 @@ class Connectivity:
         self.online = True
         self.since = time.time()
         self._changed = trio.Event()
+        self.on_online: list = []  # called (no arguments) when S3 answers again
 
     def unreachable(self, why: str) -> None:
         if self.online:
@@ -36,6 +37,8 @@ class Connectivity:
             self.since = time.time()
             log.info("S3 answers again: back online")
             self._changed.set()
+            for fn in self.on_online:
+                fn()
 
     async def run(self, probe, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Background: while offline, ``await probe()`` with backoff until it succeeds."""

@@ -132,6 +132,7 @@ class Mount:
         self.fetcher = Fetcher(self.store, self.cache)
         self.uploader = Uploader(self.store, self.cache, settings.multipart_threshold_mb << 20,
                                  settings.part_size_mb << 20, settings.local_only)
+        self.store.connectivity.on_online.append(self.uploader.retry_now)
         self.ops = Operations(self.inodes, self.ns, self.cache, self.fetcher, self.uploader,
                               settings.metadata_ttl, settings.read_only, settings.xattrs)
 

@@ -255,6 +255,12 @@ class Uploader:
             with trio.move_on_after(max(min(waits, default=RETRY_MAX), 0.05)):
                 await self._wake.wait()
 
+    def retry_now(self) -> None:
+        """S3 is back: pending uploads need not wait out their backoff."""
+        for obj in self.cache.local_objects():
+            obj.retry_at = 0.0
+        self.kick()
+
     def kick(self) -> None:
         """Something became uploadable (a writer closed): look now."""
         self._wake.set()

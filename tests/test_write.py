@@ -291,7 +291,7 @@ def test_server_down_close_fails_and_data_reaches_s3_later(mount, s3, bucket, mo
         assert (m.path / "later.txt").read_bytes() == b"written while S3 was away"
     finally:
         moto_server.start()
-    helpers.wait_for(lambda: "later.txt" in s3_keys(s3, bucket), timeout=90,
+    helpers.wait_for(lambda: "later.txt" in s3_keys(s3, bucket), timeout=30,
                      message="the pending upload to reach S3 after the server came back")
     assert s3_bytes(s3, bucket, "later.txt") == b"written while S3 was away"
 
