@@ -207,7 +207,7 @@ def _settings_env(settings) -> dict[str, str]:
 def cmd_unmount(args) -> int:
     from .mount import daemon_pids, mounted_points
     real = os.path.realpath(args.mountpoint)
-    fstype = mounted_points().get(real)
+    fstype = mounted_points().get(real, (None, None))[0]
     if fstype is None:
         raise ConfigError(f"{args.mountpoint} is not mounted")
     if fstype != "fuse.s3stashfs":

@@ -525,7 +525,7 @@ class Operations(pyfuse3.Operations):
             if local.etag:  # an older version is in S3 under the old name
                 await store.delete_object(node.bucket, node.key)
             self.cache.move(node.bucket, node.key, new_key)
-            local.gen += 1  # the new name has nothing yet: upload it
+            local.changed_meta()  # the new name has nothing yet: upload it
             self.uploader.kick()
             return
         info = await self.ns.revalidate(node, force=True)
@@ -553,7 +553,7 @@ class Operations(pyfuse3.Operations):
         for obj in list(self.cache.local_objects()):  # local changes move with it
             if obj.bucket == node.bucket and obj.key.startswith(node.key):
                 self.cache.move(obj.bucket, obj.key, new_key + obj.key[len(node.key):])
-                obj.gen += 1
+                obj.changed_meta()
         await run_all(lambda _, item: store.delete_object(node.bucket, item[0]), keys)
         for key, info in keys:
             self.cache.move(node.bucket, key, new_key + key[len(node.key):], None)

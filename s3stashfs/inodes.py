@@ -73,9 +73,6 @@ class InodeTable:
     def root(self) -> Node:
         return self._nodes[ROOT_INODE]
 
-    def __len__(self) -> int:
-        return len(self._nodes)
-
     def get(self, ino: int) -> Node:
         try:
             return self._nodes[ino]

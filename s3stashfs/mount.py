@@ -6,6 +6,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -47,15 +48,17 @@ def setup_logging(settings: Settings) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def mounted_points() -> dict[str, str]:
-    """mountpoint -> filesystem type, from /proc/self/mountinfo."""
+def mounted_points() -> dict[str, tuple[str, str]]:
+    """mountpoint -> (filesystem type, device), from /proc/self/mountinfo."""
     out = {}
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 left, _, right = line.partition(" - ")
-                point = left.split()[4].encode().decode("unicode_escape")
-                out[point] = right.split()[0]
+                fields = left.split()
+                # the kernel writes space, tab, newline and backslash as \ooo octal escapes
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                out[point] = (right.split()[0], fields[2])
     except OSError:
         pass
     return out
@@ -68,8 +71,9 @@ def check_mountpoint(path: Path) -> Path:
     if not path.is_dir():
         raise ConfigError(f"mountpoint {path} is not a directory")
     real = Path(os.path.realpath(path))
-    if str(real) in mounted_points():
-        raise MountError(f"mountpoint {path} is already mounted ({mounted_points()[str(real)]})")
+    mounted = mounted_points().get(str(real))
+    if mounted is not None:
+        raise MountError(f"mountpoint {path} is already mounted ({mounted[0]})")
     if not os.access(real, os.W_OK | os.X_OK):
         raise ConfigError(f"mountpoint {path} is not writable by this user")
     return real
@@ -193,22 +197,10 @@ class Mount:
 READ_AHEAD_KB = 1024  # the largest FUSE request (256 pages)
 
 
-def _mount_device(mountpoint: Path) -> str | None:
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4].encode().decode("unicode_escape") == str(mountpoint):
-                    return fields[2]
-    except OSError:
-        pass
-    return None
-
-
 def raise_read_ahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
     """Let the kernel read ahead further than its 128 KiB default, so that a sequential reader
     gets 1 MiB requests. Only root may change it; others keep the default."""
-    dev = _mount_device(mountpoint)
+    _, dev = mounted_points().get(str(mountpoint), ("", None))
     path = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
     try:
         path.write_text(f"{kb}\n")

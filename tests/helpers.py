@@ -557,3 +557,12 @@ def find_log_problems(text: str) -> list[str]:
         if stripped:
             prev = line
     return ["\n".join(b).strip("\n") for b in blocks]
+
+
+def read_or_none(path: str | os.PathLike) -> bytes | None:
+    """The file's bytes, or None if reading fails (for polling until a mount answers)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None

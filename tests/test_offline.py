@@ -49,15 +49,10 @@ def test_offline_serves_the_cache_and_fails_the_rest_at_once(mount, s3, bucket, 
     finally:
         moto_server.start()
     # back online by itself, without a remount
-    helpers.wait_for(lambda: _reads(m.path / "uncached.txt") == b"later\n", timeout=30,
+    helpers.wait_for(lambda: helpers.read_or_none(m.path / "uncached.txt") == b"later\n",
+                     timeout=30,
                      message="the mount to come back online")
 
-
-def _reads(p):
-    try:
-        return p.read_bytes()
-    except OSError:
-        return None
 
 
 def test_mount_while_s3_is_down_serves_the_cache(mount, s3, bucket, moto_server):
@@ -74,7 +69,8 @@ def test_mount_while_s3_is_down_serves_the_cache(mount, s3, bucket, moto_server)
         enetunreach_at_once(lambda: (m.path / "new.txt").read_bytes())
     finally:
         moto_server.start()
-    helpers.wait_for(lambda: _reads(m.path / "new.txt") == b"new\n", timeout=30,
+    helpers.wait_for(lambda: helpers.read_or_none(m.path / "new.txt") == b"new\n",
+                     timeout=30,
                      message="the mount to come back online")
 
 

@@ -198,7 +198,8 @@ def test_unreachable_s3_gives_enetunreach_at_once(mount, s3, bucket, moto_server
         assert time.monotonic() - t < 5
     finally:
         moto_server.start()
-    helpers.wait_for(lambda: _reads(m.path / "far.txt") == b"far away\n", timeout=30,
+    helpers.wait_for(lambda: helpers.read_or_none(m.path / "far.txt") == b"far away\n",
+                     timeout=30,
                      message="the mount to come back online by itself")
 
 
@@ -260,12 +261,7 @@ def test_lookup_while_unreachable_is_enetunreach_not_enoent(mount, s3, bucket, m
             assert e.value.errno == errno.ENETUNREACH, p
     finally:
         moto_server.start()
-    helpers.wait_for(lambda: _reads(m.path / "d" / "x.txt") == b"x", timeout=30,
+    helpers.wait_for(lambda: helpers.read_or_none(m.path / "d" / "x.txt") == b"x",
+                     timeout=30,
                      message="the mount to come back online by itself")
 
-
-def _reads(p):
-    try:
-        return p.read_bytes()
-    except OSError:
-        return None
