@@ -215,6 +215,7 @@ class Uploader:
                 obj.row.mtime_ns = streamed.mtime_ns  # what S3 was told when the parts began
             obj.row.metadata = meta
             self.cache.uploaded(obj, gen, etag)
+            self.cache.catalog.clear_events(obj.bucket, obj.key, "error")
             log.info("uploaded s3://%s/%s (%d bytes, ETag %s)", obj.bucket, obj.key, obj.size, etag)
 
     def _failed(self, obj: CachedObject, e: S3StashError) -> None:
@@ -222,6 +223,8 @@ class Uploader:
         obj.retry_at = time.monotonic() + random.uniform(obj.retry_delay / 2, obj.retry_delay)
         log.warning("upload of s3://%s/%s failed (%s); kept in the cache, retrying in %.0f s",
                     obj.bucket, obj.key, e, obj.retry_at - time.monotonic())
+        self.cache.catalog.add_event(self.cache.origin, obj.bucket, obj.key, "error",
+                                     f"upload failed: {e}")
         self._wake.set()
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:

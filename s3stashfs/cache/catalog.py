@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,20 @@ CREATE TABLE IF NOT EXISTS objects (
 );
 CREATE INDEX IF NOT EXISTS objects_access ON objects (last_access);
 CREATE INDEX IF NOT EXISTS objects_dirty ON objects (dirty) WHERE dirty = 1;
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    origin TEXT NOT NULL,
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_kind ON events (kind, time);
 """
+# Columns added after schema 1, with their SQL type; added to an older catalog on open.
+_ADDED_COLUMNS = {"base_etag": "TEXT"}
+EVENTS_KEPT = 1000  # the events table keeps this many newest rows
 
 
 @dataclasses.dataclass
@@ -61,6 +75,7 @@ class Row:
     dirty: bool = False
     pinned: bool = False
     last_access: float = 0.0
+    base_etag: str | None = None  # a dirty object: the ETag its change was based on ('' = new)
 
 
 _COLS = [f.name for f in dataclasses.fields(Row)]
@@ -75,6 +90,10 @@ class Catalog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(objects)")}
+        for col, sql_type in _ADDED_COLUMNS.items():
+            if col not in have:
+                self._db.execute(f"ALTER TABLE objects ADD COLUMN {col} {sql_type}")
         row = self._db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -164,3 +183,31 @@ class Catalog:
 
     def all_files(self) -> set[str]:
         return {f for (f,) in self._db.execute("SELECT file FROM objects")}
+
+    def add_event(self, origin: str, bucket: str, key: str, kind: str, message: str,
+                  when: float | None = None) -> None:
+        """Record an event for ``status`` (kind: 'error', 'conflict', ...); keeps the newest."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT INTO events (time, origin, bucket, key, kind, message) "
+                             "VALUES (?,?,?,?,?,?)",
+                             (time.time() if when is None else when, origin, bucket, key, kind,
+                              message))
+            self._db.execute("DELETE FROM events WHERE id <= "
+                             "(SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                             (EVENTS_KEPT,))
+
+    def events(self, kind: str | None = None, limit: int = 100) -> list[dict]:
+        """Newest first: dicts with time, origin, bucket, key, kind, message."""
+        q = "SELECT time, origin, bucket, key, kind, message FROM events"
+        args: list = []
+        if kind is not None:
+            q += " WHERE kind=?"
+            args.append(kind)
+        q += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        cols = ("time", "origin", "bucket", "key", "kind", "message")
+        return [dict(zip(cols, r)) for r in self._db.execute(q, args)]
+
+    def clear_events(self, bucket: str, key: str, kind: str) -> None:
+        self._db.execute("DELETE FROM events WHERE bucket=? AND key=? AND kind=?", (bucket, key, kind))
