@@ -563,3 +563,27 @@ def test_unexpected_log_warning_fails_the_test(tmp_path):
     assert "4 passed, 1 error" in out, out  # the call passes; teardown errors
     assert "ERROR at teardown of test_unexpected_warning_fails" in out, out
     assert "unexpected in the log" in out and "fake warning" in out, out
+
+
+def test_s3_proxy_modes(s3_proxy, s3, bucket):
+    """The proxy forwards, resets, black-holes and refuses, and forwards again."""
+    import botocore.exceptions
+
+    from conftest import make_s3_client
+
+    helpers.put_object(s3, bucket, "p.txt", b"through the proxy\n")
+    via = make_s3_client(s3_proxy.url, connect_timeout=1, read_timeout=1,
+                         retries={"max_attempts": 1})
+
+    def get():
+        return via.get_object(Bucket=bucket, Key="p.txt")["Body"].read()
+
+    assert get() == b"through the proxy\n"
+    for mode, error in (("reset", botocore.exceptions.ConnectionClosedError),
+                        ("blackhole", botocore.exceptions.ReadTimeoutError),
+                        ("refuse", botocore.exceptions.EndpointConnectionError)):
+        s3_proxy.set_mode(mode)
+        with pytest.raises(error):
+            get()
+        s3_proxy.set_mode("pass")
+        assert get() == b"through the proxy\n"
