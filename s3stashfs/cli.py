@@ -73,6 +73,54 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("unmount", help="unmount MOUNTPOINT", description=(
         "Unmount MOUNTPOINT and wait for its daemon to finish."))
     u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+
+    def command(name, help, description, mountpoint=True, parent=sub):
+        c = parent.add_parser(name, help=help, description=description)
+        if mountpoint:
+            c.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
+                           help="a mount (default: the mount, or the cache, of the cache "
+                                "directory the settings name)")
+            c.add_argument("--cache-dir", metavar="DIR",
+                           help="the cache directory to ask about [S3STASHFS_CACHE_DIR]")
+        c.add_argument("--json", action="store_true", help="print one JSON document")
+        return c
+
+    command("status", "online or offline, cache use, pending uploads, conflicts, errors",
+            "Show a mount's state: online or offline and since when, cache use and limits, changes "
+            "not yet in S3, conflicts and recent errors per file. Works on the cache directory "
+            "when nothing is mounted. Exit status: 0 online, 3 offline, 4 not mounted, 1 failed.")
+    c = sub.add_parser("cache", help="size | prune | clear | verify the cache", description=(
+        "Look after the cache, through the running mount or, with nothing mounted, on the "
+        "cache directory itself. Dirty data (not yet in S3) is never removed."))
+    csub = c.add_subparsers(dest="cache_command", metavar="ACTION", required=True,
+                            parser_class=_Parser)
+    command("size", "bytes cached, pinned and dirty, and the limits", "Show the cache's size.",
+            parent=csub)
+    pr = command("prune", "remove what was not used since a time",
+                 "Remove cached objects last used before --older-than: not pinned, not dirty, "
+                 "not open.", parent=csub)
+    pr.add_argument("--older-than", metavar="AGE|DATE", required=True,
+                    help="an age (30d, 12h, 2w, 90m) or a date (2026-10-01, 2026-10-01T12:00)")
+    cl = command("clear", "remove every cached object that is safe to remove",
+                 "Remove every cached object that is not dirty and not open; pinned ones too "
+                 "with --include-pinned.", parent=csub)
+    cl.add_argument("--include-pinned", action="store_true", help="remove pinned objects too")
+    command("verify", "re-check cached bytes against their checksums",
+            "Re-check every cached block against its checksum and drop bad ones, which are "
+            "fetched again when read. Exit status 3 when bad blocks were found.", parent=csub)
+    for name, verb in (("pin", "fetch now and keep offline"), ("unpin", "stop keeping")):
+        pn = command(name, f"{verb}: files or whole directories",
+                     f"{verb.capitalize()}: PATHs are files or directories inside a mount "
+                     "(directories are taken whole, recursively)"
+                     + (". Pinned files are fetched in parallel, kept offline and never "
+                        "evicted." if name == "pin" else "."), mountpoint=False)
+        pn.add_argument("paths", metavar="PATH", nargs="+")
+        if name == "pin":
+            pn.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                            help="show a progress bar on stderr (default: when it is a terminal)")
+    command("sync", "upload pending changes now and wait",
+            "Upload every change not yet in S3 now, wait, and report. Exit status: 0 all in S3, "
+            "3 all in S3 but conflicts were kept as copies, 1 some remain pending, 4 not mounted.")
     return p
 
 
@@ -81,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "mount":
             return cmd_mount(args)
-        return cmd_unmount(args)
+        if args.command == "unmount":
+            return cmd_unmount(args)
+        return cmd_other(args)
     except ConfigError as e:
         print(f"s3stashfs: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -90,6 +140,22 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def cmd_other(args) -> int:
+    from . import commands
+    try:
+        settings = _settings(args)
+        if args.command == "status":
+            return commands.cmd_status(settings, args)
+        if args.command == "cache":
+            return commands.cmd_cache(settings, args)
+        if args.command in ("pin", "unpin"):
+            return commands.cmd_pin(settings, args, pin=args.command == "pin")
+        return commands.cmd_sync(settings, args)
+    except commands.CommandError as e:
+        print(f"s3stashfs {args.command}: {e}", file=sys.stderr)
+        return e.code
 
 
 def _settings(args):

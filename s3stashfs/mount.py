@@ -17,6 +17,7 @@ import trio
 
 from .cache import Cache
 from .config import Settings
+from .control import ControlServer
 from .errors import ConfigError, MountError
 from .fetch import Fetcher
 from .fs import Operations
@@ -160,6 +161,7 @@ class Mount:
                                     lambda: self.store.probe(self.settings.bucket))
                 if not self.settings.read_only:
                     await nursery.start(self.uploader.run)
+                await nursery.start(ControlServer(self).run)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._ready, on_ready)
                 await pyfuse3.main()
