@@ -126,6 +126,9 @@ class ControlServer:
         if cmd == "unpin":
             return await self.unpin([_parts(p) for p in request["paths"]])
         if cmd == "sync":
+            conn = self.m.store.connectivity
+            if not conn.online and await self.m.store.probe(self.m.settings.bucket):
+                conn.reachable()  # asked to sync now: do not wait for the probe's backoff
             return await self.m.uploader.sync_all()
         raise ControlError(f"unknown command {cmd!r}")
 

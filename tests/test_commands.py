@@ -216,15 +216,18 @@ def test_pin_errors(mount, s3, bucket, s3_proxy, tmp_path):
     s3_proxy.set_mode("pass")
 
 
-def _as_nobody(fn) -> int:
-    """Run ``fn`` in a forked child with uid/gid 65534; its return value is the exit code."""
+def _as_nobody(fn, *args, cwd_fd=None) -> int:
+    """Run ``fn(*args)`` in a forked child with uid/gid 65534 (in directory ``cwd_fd``, entered
+    before the uid changes); it returns the exit code."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 99
         try:
+            if cwd_fd is not None:
+                os.fchdir(cwd_fd)
             os.setgid(65534)
             os.setuid(65534)
-            code = fn()
+            code = fn(*args)
         finally:
             os._exit(code)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
@@ -240,25 +243,31 @@ def test_control_socket_is_private(mount, s3, bucket):
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
     assert stat.S_IMODE(m.cache_dir.stat().st_mode) == 0o700
 
-    def connect_and_ask() -> int:
+    def connect_and_ask(path) -> int:
         s = socket.socket(socket.AF_UNIX)
         s.settimeout(10)
         try:
-            s.connect(str(sock))
+            s.connect(path)
         except PermissionError:
             return 13
-        s.sendall(b'{"cmd": "status"}\n')
-        return 0 if s.recv(100) else 1  # an answer, or the connection closed unanswered
+        try:
+            s.sendall(b'{"cmd": "status"}\n')
+            return 0 if s.recv(100) else 1  # an answer, or the connection closed unanswered
+        except ConnectionError:
+            return 1
 
-    assert _as_nobody(connect_and_ask) == 13  # the file modes keep other users out
-    # and with the modes opened up, the mount itself refuses them (SO_PEERCRED)
-    os.chmod(m.cache_dir, 0o711)
+    assert _as_nobody(connect_and_ask, str(sock)) == 13  # the file modes keep others out
+    # and past the modes (socket opened up, reached from a working directory the child entered
+    # as root), the mount itself refuses other users (SO_PEERCRED)
+    dir_fd = os.open(m.cache_dir, os.O_RDONLY | os.O_DIRECTORY)
     os.chmod(sock, 0o666)
+    os.chmod(m.cache_dir, 0o711)
     try:
-        assert _as_nobody(connect_and_ask) == 1
+        assert _as_nobody(connect_and_ask, "control.sock", cwd_fd=dir_fd) == 1
     finally:
         os.chmod(m.cache_dir, 0o700)
         os.chmod(sock, 0o600)
+        os.close(dir_fd)
     assert cli_json(m.env, "status", m.path)["mounted"]
     m.unmount()
     assert not sock.exists()
