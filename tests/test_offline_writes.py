@@ -294,3 +294,74 @@ def test_uploads_are_conditional_on_the_version_they_change(mount, s3, bucket, m
                                ("b.txt", helpers.md5_hex(b"new\n"), None)]
     assert s3_bytes(s3, bucket, "a.txt") == b"one\ntwo\n"
     assert s3_bytes(s3, bucket, "b.txt") == b"newer\n"
+
+
+# ---------------------------------------------------------------------- the lead's interface
+
+def test_pending_and_sync_all(tmp_path, s3, bucket, moto_server, monkeypatch):
+    """Uploader.pending() and sync_all(), in process against the real moto_server (what the
+    status and sync commands are built on)."""
+    import trio
+
+    from s3stashfs.cache import Cache
+    from s3stashfs.config import Settings
+    from s3stashfs.store import Store
+    from s3stashfs.uploads import Uploader
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    old = helpers.put_object(s3, bucket, "old.txt", b"old\n")
+    helpers.put_object(s3, bucket, "c.txt", b"c base\n")
+    settings = Settings(endpoint_url=moto_server.url, region="us-east-1",
+                        cache_dir=tmp_path / "cache")
+
+    def local(cache, key, data, base):
+        obj = cache.create_local(bucket, key, base)
+        os.pwrite(cache.ensure_open(obj), data, 0)
+        obj.changed_locally(len(data))
+        return obj
+
+    async def main():
+        cache = Cache(settings.cache_dir, settings.origin)
+        store = Store(settings)
+        up = Uploader(store, cache, 8 << 20, 8 << 20, (), "queue")
+        store.connectivity.unreachable("test")  # offline: changes are queued
+        t0 = time.time()
+        assert await up.upload(local(cache, "n.txt", b"hello", "")) is None
+        assert await up.upload(local(cache, "c.txt", b"c local\n",
+                                     helpers.md5_hex(b"c base\n"))) is None
+        up.queue(bucket, "old.txt", "delete", old.etag.strip('"'))
+        pending = up.pending()
+        assert [(p["op"], p["key"], p["size"]) for p in pending] == [
+            ("upload", "n.txt", 5), ("upload", "c.txt", 8), ("delete", "old.txt", None)]
+        assert [p["base_etag"] for p in pending] == ["", helpers.md5_hex(b"c base\n"),
+                                                     old.etag.strip('"')]
+        assert all(t0 - 1 <= p["since"] <= time.time() and p["error"] is None for p in pending)
+        # offline: each attempt fails at once and is listed
+        t = time.monotonic()
+        r = await up.sync_all()
+        assert time.monotonic() - t < 2
+        assert r["uploaded"] == [] and r["conflicts"] == []
+        assert [(f["op"], f["key"]) for f in r["failed"]] == [
+            ("upload", "n.txt"), ("upload", "c.txt"), ("delete", "old.txt")]
+        assert all("unreachable" in f["error"] for f in r["failed"])
+        assert all(p["error"] for p in up.pending())
+        helpers.put_object(s3, bucket, "c.txt", b"c changed in S3\n")
+        store.connectivity.reachable()
+        r = await up.sync_all()
+        assert r["failed"] == []
+        assert r["uploaded"] == [{"bucket": bucket, "key": "n.txt", "op": "upload"},
+                                 {"bucket": bucket, "key": "old.txt", "op": "delete"}]
+        assert [(c["key"], c["conflict_key"].startswith("c.conflict-")) for c in r["conflicts"]] \
+            == [("c.txt", True)]
+        assert up.pending() == []
+        assert await up.sync_all() == {"uploaded": [], "failed": [], "conflicts": []}
+        events = cache.catalog.events("conflict")
+        assert events[0]["message"].endswith("kept as " + r["conflicts"][0]["conflict_key"])
+        await cache.close()
+        return r["conflicts"][0]["conflict_key"]
+
+    ckey = trio.run(main)
+    assert s3_keys(s3, bucket) == {"n.txt", "c.txt", ckey}
+    assert s3_bytes(s3, bucket, ckey) == b"c local\n"
+    assert s3_bytes(s3, bucket, "c.txt") == b"c changed in S3\n"
