@@ -245,6 +245,8 @@ class Uploader:
         Returns the conflict key when S3 had moved on and the local version went up beside it
         (nothing is lost either way), else None. Raises the domain error on failure; the object
         then stays dirty and pending."""
+        if closing and self.online and (obj.bucket, obj.key) in self.cache.pending_keys("delete"):
+            await self._apply_deletes(obj.bucket, obj.key)  # an earlier change of this key first
         async with obj.lock:
             gen = obj.gen
             if obj.unlinked or not obj.dirty or obj.uploaded_gen == gen or self.is_local_only(obj.key):
@@ -383,7 +385,8 @@ class Uploader:
             if j["op"] == "upload":
                 obj = dirty.get((j["bucket"], j["key"]))
                 if obj is None or (j["bucket"], j["key"]) in named:
-                    continue  # uploaded, or gone
+                    self.cache.catalog.journal_done(j["seq"])  # uploaded, or gone
+                    continue
                 named.add((j["bucket"], j["key"]))
                 out.append((j, obj))
             else:
@@ -468,6 +471,17 @@ class Uploader:
                     if obj is not None:
                         obj.retry_at = time.monotonic() + RETRY_MAX
         return result
+
+    async def _apply_deletes(self, bucket: str, key: str) -> None:
+        """The queued deletes of ``key``, now: a file made again under a name deleted while
+        offline is uploaded after that delete, as the journal's order says."""
+        async with self._apply_lock:
+            for j in self.cache.catalog.journal(self.cache.origin):
+                if j["op"] == "delete" and (j["bucket"], j["key"]) == (bucket, key):
+                    try:
+                        await self._apply_op(j)
+                    except S3StashError:
+                        return  # logged; the upload then finds out for itself
 
     async def _apply_op(self, j: dict) -> bool:
         """Apply one journaled namespace change; True when S3 had changed and kept its version

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.timeout(180),
               pytest.mark.expect_log("unreachable", "upload of .* failed")]
 
 QUEUE = ["--metadata-ttl", "0", "--offline-writes", "queue"]
-REFUSE = ["--metadata-ttl", "0"]  # refuse is the default
+REFUSE = ["--metadata-ttl", "0", "--xattrs"]  # refuse is the default
 
 
 def s3_bytes(s3, bucket, key):
@@ -105,6 +105,8 @@ def test_refuse_mode_fails_every_change_at_once_and_changes_nothing(mount, s3, b
     fails_at_once(lambda: os.truncate(a, 3))
     fails_at_once(lambda: os.chmod(a, 0o600))
     fails_at_once(lambda: os.utime(a, (1, 1)))
+    fails_at_once(lambda: os.chown(a, 1234, 1234))
+    fails_at_once(lambda: os.setxattr(a, "user.project", b"x"))
     # nothing changed locally: reads and listings as before
     assert a.read_bytes() == b"original\n"
     assert sorted(os.listdir(m.path)) == names
@@ -127,8 +129,9 @@ def test_queue_mode_applies_changes_in_order_once_back_without_remount(
     helpers.put_object(s3, bucket, "a.txt", b"v1\n")
     helpers.put_object(s3, bucket, "log.txt", b"line 1\n")
     helpers.put_object(s3, bucket, "gone.txt", b"to be deleted\n")
+    helpers.put_object(s3, bucket, "meta.txt", b"unchanged bytes\n")
     m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
-    for name in ("a.txt", "log.txt", "gone.txt"):
+    for name in ("a.txt", "log.txt", "gone.txt", "meta.txt"):
         (m.path / name).read_bytes()  # cached
     go_offline(m, s3_proxy)
     assert write(m.path / "new.txt", b"created offline\n") < 2.0  # close() returns 0, at once
@@ -139,39 +142,51 @@ def test_queue_mode_applies_changes_in_order_once_back_without_remount(
     write(m.path / "newdir" / "inner.txt", b"inside a new directory\n")
     os.unlink(m.path / "gone.txt")
     os.chmod(m.path / "log.txt", 0o640)
+    os.chmod(m.path / "meta.txt", 0o600)  # a clean cached file: uploaded whole with it
+    os.symlink("a.txt", m.path / "link")
+    # not queued: rename and rmdir
+    fails_at_once(lambda: os.rename(m.path / "new.txt", m.path / "moved.txt"))
+    fails_at_once(lambda: os.rmdir(m.path / "newdir"))
     # the mount shows the changes at once
     assert (m.path / "new.txt").read_bytes() == b"created offline\n"
     assert (m.path / "a.txt").read_bytes() == b"v3: the last version wins\n"
     assert (m.path / "log.txt").read_bytes() == b"line 1\nline 2\n"
     assert os.stat(m.path / "log.txt").st_mode & 0o777 == 0o640
+    assert os.stat(m.path / "meta.txt").st_mode & 0o777 == 0o600
+    assert os.readlink(m.path / "link") == "a.txt"
     assert (m.path / "newdir" / "inner.txt").read_bytes() == b"inside a new directory\n"
-    assert sorted(os.listdir(m.path)) == ["a.txt", "log.txt", "new.txt", "newdir"]
+    assert sorted(os.listdir(m.path)) == ["a.txt", "link", "log.txt", "meta.txt", "new.txt",
+                                          "newdir"]
     assert os.listdir(m.path / "newdir") == ["inner.txt"]
     # pending, in the order of the changes (a file's place is that of its last close)
     journal, _, dirty = catalog(m)
     assert journal == [("upload", "new.txt"), ("upload", "a.txt"), ("mkdir", "newdir/"),
                        ("upload", "newdir/inner.txt"), ("delete", "gone.txt"),
-                       ("upload", "log.txt")]
-    assert dirty == {"new.txt", "a.txt", "log.txt", "newdir/inner.txt"}
+                       ("upload", "log.txt"), ("upload", "meta.txt"), ("upload", "link")]
+    assert dirty == {"new.txt", "a.txt", "log.txt", "newdir/inner.txt", "meta.txt", "link"}
     # S3 has none of it yet
-    assert s3_keys(s3, bucket) == {"a.txt", "log.txt", "gone.txt"}
+    assert s3_keys(s3, bucket) == {"a.txt", "log.txt", "gone.txt", "meta.txt"}
     assert s3_bytes(s3, bucket, "a.txt") == b"v1\n"
     mark = moto_server.mark()
     go_online(m, s3_proxy)
     helpers.wait_for(lambda: catalog(m)[0] == [], timeout=30,
                      message="the queued changes to be applied")
-    assert s3_keys(s3, bucket) == {"a.txt", "log.txt", "new.txt", "newdir/", "newdir/inner.txt"}
+    assert s3_keys(s3, bucket) == {"a.txt", "log.txt", "new.txt", "newdir/", "newdir/inner.txt",
+                                   "meta.txt", "link"}
     assert s3_bytes(s3, bucket, "a.txt") == b"v3: the last version wins\n"
     assert s3_bytes(s3, bucket, "log.txt") == b"line 1\nline 2\n"
     assert s3_bytes(s3, bucket, "new.txt") == b"created offline\n"
     assert s3_bytes(s3, bucket, "newdir/inner.txt") == b"inside a new directory\n"
     assert s3.head_object(Bucket=bucket, Key="log.txt")["Metadata"]["mode"] == str(0o100640)
+    assert s3.head_object(Bucket=bucket, Key="meta.txt")["Metadata"]["mode"] == str(0o100600)
+    assert s3_bytes(s3, bucket, "meta.txt") == b"unchanged bytes\n"
+    assert s3_bytes(s3, bucket, "link") == b"a.txt"
     # applied in order, each on its condition
     changes = [r for r in moto_server.requests_since(mark, bucket=bucket)
                if r.method in ("PUT", "DELETE")]
     assert [(r.method, r.key) for r in changes] == [
         ("PUT", "new.txt"), ("PUT", "a.txt"), ("PUT", "newdir/"), ("PUT", "newdir/inner.txt"),
-        ("DELETE", "gone.txt"), ("PUT", "log.txt")]
+        ("DELETE", "gone.txt"), ("PUT", "log.txt"), ("PUT", "meta.txt"), ("PUT", "link")]
     assert changes[0].headers.get("if-none-match") == "*"
     assert changes[1].headers.get("if-match", "").strip('"') == helpers.md5_hex(b"v1\n")
     assert changes[4].headers.get("if-match", "").strip('"') == helpers.md5_hex(b"to be deleted\n")
