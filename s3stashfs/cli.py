@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--xattrs", action="store_true",
                    help="user.* extended attributes as the objects' x-amz-meta-* (off by default, "
                         "as in s3fs: ls -l then asks the mount about every file) [S3STASHFS_XATTRS]")
+    m.add_argument("--offline-writes", choices=("refuse", "queue"),
+                   help="while S3 is unreachable: refuse every change at once with ENETUNREACH "
+                        "(default), or queue changes in the cache and apply them in order once "
+                        "S3 answers [S3STASHFS_OFFLINE_WRITES]")
     m.add_argument("--metadata-ttl", metavar="S",
                    help="seconds a listing or lookup is trusted (default 5; 0 = always ask S3) "
                         "[S3STASHFS_METADATA_TTL]")
@@ -162,7 +166,7 @@ def _settings(args):
     from . import config
     flags = {k: getattr(args, k, None) for k in (
         "endpoint_url", "region", "profile", "bucket", "cache_dir", "metadata_ttl", "log_file",
-        "read_only", "allow_other", "xattrs", "foreground", "debug")}
+        "read_only", "allow_other", "xattrs", "foreground", "debug", "offline_writes")}
     return config.load(flags)
 
 
@@ -258,6 +262,7 @@ def _settings_env(settings) -> dict[str, str]:
            "S3STASHFS_ADDRESSING_STYLE": settings.addressing_style,
            "S3STASHFS_MULTIPART_THRESHOLD_MB": str(settings.multipart_threshold_mb),
            "S3STASHFS_PART_SIZE_MB": str(settings.part_size_mb),
+           "S3STASHFS_OFFLINE_WRITES": settings.offline_writes,
            "S3STASHFS_LOCAL_ONLY": ",".join(settings.local_only)}
     for name, key in (("endpoint_url", "S3STASHFS_ENDPOINT_URL"), ("region", "S3STASHFS_REGION"),
                       ("profile", "S3STASHFS_PROFILE")):

@@ -21,6 +21,7 @@ PREFIX = "S3STASHFS_"
 ENV_FILE_VAR = "S3STASHFS_ENV"
 DEFAULT_METADATA_TTL = 5.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+OFFLINE_WRITES = ("refuse", "queue")
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 
 
@@ -50,6 +51,9 @@ class Settings:
                                    ".~lock.*#", "~$*")
     multipart_threshold_mb: int = 8  # files larger than this are uploaded in parts
     part_size_mb: int = 8  # grown as needed so that an object fits in 10,000 parts
+    # while S3 is unreachable: "refuse" every change at once (ENETUNREACH), or "queue" it in
+    # the cache and apply it once S3 answers
+    offline_writes: str = "refuse"
     # AWS_* lines of the env file, handed to boto3's credential chain; never logged.
     aws_env: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
 
@@ -123,6 +127,12 @@ def _parse_style(v: str) -> str:
     return v
 
 
+def _parse_offline_writes(v: str) -> str:
+    if v.strip().lower() not in OFFLINE_WRITES:
+        raise ValueError("must be " + " or ".join(OFFLINE_WRITES))
+    return v.strip().lower()
+
+
 def _mib(v: str) -> int:
     try:
         n = int(v)
@@ -170,6 +180,7 @@ _SPECS: dict[str, tuple[Callable[[str], Any], str]] = {
     "local_only": (_globs, "S3STASHFS_LOCAL_ONLY"),
     "multipart_threshold_mb": (_mib, "S3STASHFS_MULTIPART_THRESHOLD_MB"),
     "part_size_mb": (_mib, "S3STASHFS_PART_SIZE_MB"),
+    "offline_writes": (_parse_offline_writes, "S3STASHFS_OFFLINE_WRITES"),
 }
 _ENV_KEYS = {env for _, env in _SPECS.values()} | {ENV_FILE_VAR}
 

@@ -70,6 +70,14 @@ class Changed(S3StashError):
     errno = errno.EIO
 
 
+class Conflict(S3StashError):
+    """A conditional change (If-Match / If-None-Match: *) found S3 no longer holding the version
+    the change was based on. The uploader keeps both versions; it never reaches a caller as an
+    errno except when that failed too."""
+
+    errno = errno.EIO
+
+
 class ChecksumMismatch(S3StashError):
     """Downloaded bytes do not match the object's ETag or stored checksum."""
 

@@ -173,7 +173,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         writing = bool(flags & _WRITE_FLAGS)
         if writing:
-            self._writable()
+            self._changing()
         node = self.inodes.get(inode)
         if node.kind is not Kind.FILE:
             raise pyfuse3.FUSEError(errno.ELOOP if node.kind is Kind.SYMLINK else errno.EISDIR)
@@ -218,6 +218,36 @@ class Operations(pyfuse3.Operations):
         if self.read_only:
             raise ReadOnly("mounted read-only")
 
+    @property
+    def _offline(self) -> bool:
+        return not self.ns.store.connectivity.online
+
+    def _changing(self) -> None:
+        """A change is about to be made. Offline, with offline_writes=refuse (the default), it
+        fails at once and nothing changes; with queue it is made in the cache and queued."""
+        self._writable()
+        if self._offline and not self.uploader.queue_offline:
+            raise Unreachable("S3 is unreachable, and changes are refused while offline "
+                              "(offline_writes=refuse)")
+
+    def _online_only(self, what: str) -> None:
+        """Changes that are never queued: offline they fail at once, in both modes."""
+        if self._offline:
+            raise Unreachable(f"S3 is unreachable: {what} is not queued while offline")
+
+    def _remote_base(self, bucket: str, key: str, node: Node | None) -> str | None:
+        """The version S3 holds of ``key`` as far as the mount knows: what a change replacing
+        it is based on ('' = no object, None = not known)."""
+        local = self.cache.current(bucket, key)
+        if local is not None and local.dirty:
+            return local.row.base_etag if local.row.base_etag is not None else local.etag
+        if node is None:
+            return ""
+        if node.info is not None:
+            return node.info.etag
+        row = self.cache.catalog.get(self.cache.origin, bucket, key)
+        return row.etag if row is not None else None
+
     async def _truncated(self, node: Node) -> CachedObject:
         """The object, emptied locally (O_TRUNC), opened once."""
         obj = self.cache.current(node.bucket, node.key)
@@ -229,7 +259,8 @@ class Operations(pyfuse3.Operations):
                 obj.seq_end = 0
             obj.opens += 1
             return obj
-        obj = self.cache.create_local(node.bucket, node.key)
+        obj = self.cache.create_local(node.bucket, node.key,
+                                      self._remote_base(node.bucket, node.key, node))
         obj.opens += 1
         return obj
 
@@ -315,7 +346,19 @@ class Operations(pyfuse3.Operations):
             try:
                 await self.uploader.upload(h.obj)
             finally:
-                self.ns.local_changed(h.node, h.obj)
+                await self._after_change(h.node, h.obj)
+
+    async def _after_change(self, node: Node, obj: CachedObject) -> None:
+        """The node shows its local version; unless a conflict moved that to another key:
+        then the name shows S3's version again."""
+        if obj.key == node.key:
+            self.ns.local_changed(node, obj)
+            return
+        self._invalidate_attrs(node)
+        try:
+            await self.ns.revalidate(node, force=True)
+        except S3StashError as e:
+            log.debug("after the conflict on %r: %s", node, e)
 
     @handler
     async def fsync(self, fh, datasync):
@@ -327,21 +370,23 @@ class Operations(pyfuse3.Operations):
         if h is not None:
             if h.writable:
                 h.obj.writers -= 1
-                self.ns.local_changed(h.node, h.obj)
+                if h.obj.key == h.node.key:
+                    self.ns.local_changed(h.node, h.obj)
                 self.uploader.kick()
             self.cache.release(h.obj)
 
     # ------------------------------------------------------------ namespace changes
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
-        self._writable()
+        self._changing()
         parent = self.inodes.get(parent_inode)
         text = self.ns.check_new_name(parent, name)
         existing = await self._maybe_lookup(parent, name)
         if existing is not None and existing.kind.is_dir:
             raise IsADirectory(text)
+        base = self._remote_base(parent.bucket, parent.key + text, existing)
         node = self.ns.added(parent, name, Kind.FILE, parent.key + text)
-        obj = self.cache.create_local(node.bucket, node.key)
+        obj = self.cache.create_local(node.bucket, node.key, base)
         obj.row.metadata = _mode_meta(mode, ctx)
         obj.opens += 1
         self.ns.local_changed(node, obj)
@@ -357,19 +402,23 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def mkdir(self, parent_inode, name, mode, ctx):
-        self._writable()
+        self._changing()
         parent = self.inodes.get(parent_inode)
         text = self.ns.check_new_name(parent, name)
         if await self._maybe_lookup(parent, name) is not None:
             raise Exists(text)
-        await self.ns.store.put_marker(parent.bucket, parent.key + text + "/")
+        if self._offline:  # queue mode: the marker goes up once S3 answers
+            self.uploader.queue(parent.bucket, parent.key + text + "/", "mkdir", "")
+        else:
+            await self.ns.store.put_marker(parent.bucket, parent.key + text + "/")
         node = self.ns.added(parent, name, Kind.DIR, parent.key + text + "/")
         self.inodes.incref(node)
         return self.attrs(node)
 
     @handler
     async def rmdir(self, parent_inode, name, ctx):
-        self._writable()
+        self._changing()
+        self._online_only("rmdir")
         parent = self.inodes.get(parent_inode)
         node = await self.ns.lookup(parent, name)
         if not node.kind.is_dir:
@@ -381,7 +430,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def unlink(self, parent_inode, name, ctx):
-        self._writable()
+        self._changing()
         parent = self.inodes.get(parent_inode)
         node = await self.ns.lookup(parent, name)
         if node.kind.is_dir:
@@ -389,21 +438,27 @@ class Operations(pyfuse3.Operations):
         local = self.cache.current(node.bucket, node.key)
         if local is not None:
             self.uploader.break_stream(local)
-        never_uploaded = local is not None and local.dirty and not local.etag
-        if not never_uploaded:
-            await self.ns.store.delete_object(node.bucket, node.key)
+        base = self._remote_base(node.bucket, node.key, node)
+        if base != "":  # S3 has (or may have) a version: it goes too
+            if self._offline:  # queue mode: deleted once S3 answers, if still that version
+                self.uploader.queue(node.bucket, node.key, "delete", base)
+            else:
+                await self.ns.store.delete_object(node.bucket, node.key)
         self.cache.forget_object(node.bucket, node.key)
         self.ns.removed(parent, name)
 
     @handler
     async def setattr(self, inode, attr, fields, fh, ctx):
-        self._writable()
+        h = self._handles.get(fh) if fh is not None else None
+        if h is not None and h.writable:
+            self._writable()  # like a write(): a file open for writing takes it, even offline
+        else:
+            self._changing()
         node = self.inodes.get(inode)
         if not node.kind.is_object:
             if fields.update_size:
                 raise IsADirectory(repr(node))
             return self.attrs(node)  # directories are prefixes: nothing to keep
-        h = self._handles.get(fh) if fh is not None else None
         if fields.update_size:
             await self._resize(node, h, attr.st_size)
         meta: dict[str, str | None] = {}
@@ -458,6 +513,19 @@ class Operations(pyfuse3.Operations):
             return meta
 
         local = self.cache.current(node.bucket, node.key)
+        opened = None
+        if (local is None or not local.dirty) and self._offline:
+            # queue mode: S3 cannot change it in place now; the cached copy (all of it) becomes
+            # a local change, uploaded whole once S3 answers
+            info = await self.ns.revalidate(node)
+            opened, _ = self.cache.open_object(node.bucket, node.key, info)
+            try:
+                await self.fetcher.fetch_all(opened)
+                self.cache.make_local(opened)
+            except BaseException:
+                self.cache.release(opened)
+                raise
+            local = opened
         if local is not None and local.dirty:
             local.row.metadata = apply(local.row.metadata or {})
             if mtime_ns is not None:
@@ -467,7 +535,9 @@ class Operations(pyfuse3.Operations):
                 if local.writers == 0:
                     await self.uploader.upload(local)
             finally:
-                self.ns.local_changed(node, local)
+                await self._after_change(node, local)
+                if opened is not None:
+                    self.cache.release(opened)
             return
         info = await self.ns.revalidate(node, force=True)
         if info.size > 5 << 30:
@@ -483,7 +553,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self._writable()
+        self._changing()
+        self._online_only("rename")
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise NotSupported("RENAME_EXCHANGE")
         old_parent = self.inodes.get(parent_inode_old)
@@ -509,22 +580,24 @@ class Operations(pyfuse3.Operations):
             if target is not None:
                 await self.ns.store.delete_object(target.bucket, target.key)
         else:
-            await self._rename_file(node, new_key)
+            await self._rename_file(node, new_key, target)
         if target is not None:
             self.ns.removed(new_parent, name_new)
         self.inodes.move(node, new_parent, name_new, new_key)
         self.ns.removed(old_parent, name_old)
         self.ns.readded(new_parent, name_new, node)
 
-    async def _rename_file(self, node: Node, new_key: str) -> None:
+    async def _rename_file(self, node: Node, new_key: str, target: Node | None) -> None:
         """A server-side copy, then the delete; a file with local changes not yet uploaded just
         moves in the cache and is uploaded under its new name."""
         store = self.ns.store
         local = self.cache.current(node.bucket, node.key)
         if local is not None and local.dirty:
-            if local.etag:  # an older version is in S3 under the old name
+            if self._remote_base(node.bucket, node.key, node) != "":  # an older version is in S3
                 await store.delete_object(node.bucket, node.key)
+            base = self._remote_base(node.bucket, new_key, target)  # what the new name replaces
             self.cache.move(node.bucket, node.key, new_key)
+            local.row.base_etag = base
             local.changed_meta()  # the new name has nothing yet: upload it
             self.uploader.kick()
             return
@@ -553,6 +626,7 @@ class Operations(pyfuse3.Operations):
         for obj in list(self.cache.local_objects()):  # local changes move with it
             if obj.bucket == node.bucket and obj.key.startswith(node.key):
                 self.cache.move(obj.bucket, obj.key, new_key + obj.key[len(node.key):])
+                obj.row.base_etag = ""  # the target directory was empty
                 obj.changed_meta()
         await run_all(lambda _, item: store.delete_object(node.bucket, item[0]), keys)
         for key, info in keys:
@@ -567,13 +641,13 @@ class Operations(pyfuse3.Operations):
     async def symlink(self, parent_inode, name, target, ctx):
         """An object holding the target, with S_IFLNK in x-amz-meta-mode: what s3fs writes and
         reads, so each tool follows the other's links."""
-        self._writable()
+        self._changing()
         parent = self.inodes.get(parent_inode)
         text = self.ns.check_new_name(parent, name)
         if await self._maybe_lookup(parent, name) is not None:
             raise Exists(text)
         key = parent.key + text
-        obj = self.cache.create_local(parent.bucket, key)
+        obj = self.cache.create_local(parent.bucket, key, "")
         obj.row.metadata = {"mode": str(stat.S_IFLNK | 0o777), "uid": str(ctx.uid),
                             "gid": str(ctx.gid)}
         async with obj.lock:
@@ -600,7 +674,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        self._writable()
+        self._changing()
         raise NotSupported("only regular files and directories can be created")
 
     # ------------------------------------------------------------ the rest
@@ -662,7 +736,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def _change_xattr(self, inode, name, value):
-        self._writable()
+        self._changing()
         node = self.inodes.get(inode)
         text = name.decode("utf-8", "replace")
         if text.startswith("user.s3.") or not text.startswith("user."):

@@ -133,10 +133,13 @@ class Mount:
         else:
             root = (Kind.ROOT, None, "")
         self.inodes = InodeTable(*root)
-        self.ns = Namespace(self.store, self.cache, self.inodes, settings.metadata_ttl, settings.buckets)
+        queue = settings.offline_writes == "queue"
+        self.ns = Namespace(self.store, self.cache, self.inodes, settings.metadata_ttl,
+                            settings.buckets, queue_offline=queue)
         self.fetcher = Fetcher(self.store, self.cache)
         self.uploader = Uploader(self.store, self.cache, settings.multipart_threshold_mb << 20,
-                                 settings.part_size_mb << 20, settings.local_only)
+                                 settings.part_size_mb << 20, settings.local_only,
+                                 settings.offline_writes)
         self.store.connectivity.on_online.append(self.uploader.retry_now)
         self.ops = Operations(self.inodes, self.ns, self.cache, self.fetcher, self.uploader,
                               settings.metadata_ttl, settings.read_only, settings.xattrs)

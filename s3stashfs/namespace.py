@@ -59,8 +59,12 @@ class Listing:
 
 class Namespace:
     def __init__(self, store: Store, cache: Cache, inodes: InodeTable, ttl: float,
-                 buckets: tuple[str, ...] = ()):
+                 buckets: tuple[str, ...] = (), queue_offline: bool = False):
         self.store = store
+        # offline_writes=queue: offline, a name a known directory does not hold is answered
+        # "does not exist", so that it can be created (its upload then requires that S3 has
+        # no such key either: If-None-Match)
+        self.queue_offline = queue_offline
         self.cache = cache
         self.inodes = inodes
         self.ttl = ttl
@@ -138,6 +142,10 @@ class Namespace:
         except BaseExceptionGroup as eg:
             raise first_error(eg) from None
         info = found["head"]
+        if info is not None and (parent.bucket, key) in self.cache.pending_keys("delete"):
+            info = None  # deleted while offline; the delete is on its way
+        if not found["dir"] and (parent.bucket, key + "/") in self.cache.pending_keys("mkdir"):
+            found["dir"] = True
         if found["dir"]:
             if info is not None:
                 self._log_once(parent.bucket, key, "both an object and a prefix: shown as a directory")
@@ -228,6 +236,11 @@ class Namespace:
             if token is None:
                 break
         known = self.cache.catalog.known_metadata(self.cache.origin, bucket, prefix) if files else {}
+        deleted = self.cache.pending_keys("delete")  # queued while offline, not applied yet
+        for b, k in self.cache.pending_keys("mkdir"):
+            rest = k[len(prefix):-1]
+            if b == bucket and k.startswith(prefix) and rest and "/" not in rest:
+                dirs.setdefault(rest, None)
         children: dict[bytes, Node] = {}
         for name in dirs:
             if not valid_name(name):
@@ -237,6 +250,8 @@ class Namespace:
                                                         prefix + name + "/")
         for name, info in files.items():
             key = prefix + name
+            if (bucket, key) in deleted:
+                continue
             if not valid_name(name):
                 self._log_once(bucket, key, "key is not a valid file name: hidden")
                 continue
@@ -273,18 +288,39 @@ class Namespace:
                 node = self.inodes.child(parent, name, kind_of(info), parent.bucket, key)
                 self._set_info(node, info, from_head=True)
                 return node
-            if self.cache.catalog.rows_under(self.cache.origin, parent.bucket, key + "/"):
+            if (self.cache.catalog.rows_under(self.cache.origin, parent.bucket, key + "/")
+                    or (parent.bucket, key + "/") in self.cache.pending_keys("mkdir")):
                 return self.inodes.child(parent, name, Kind.DIR, parent.bucket, key + "/")
+            if self.queue_offline and self._known_offline(parent):
+                raise NotFound(f"{text} (offline: not in the last listing of its directory)")
         raise Unreachable(f"s3://{parent.bucket}/{parent.key}{text}: S3 is unreachable")
+
+    def _known_offline(self, parent: Node) -> bool:
+        """Offline, does the mount know what ``parent`` holds (a listing, a cached object
+        below it, or a directory made while offline)?"""
+        if parent.listing is None:
+            try:
+                parent.listing = Listing(self._offline_listing(parent))
+                parent.listing_at = 0.0
+            except Unreachable:
+                return False
+        return True
 
     def _offline_listing(self, node: Node) -> dict[bytes, Node]:
         """A directory never listed before: what the cache holds of it, or ENETUNREACH."""
         if node.kind is Kind.ROOT:
             raise Unreachable("the bucket list: S3 is unreachable")
         rows = self.cache.catalog.rows_under(self.cache.origin, node.bucket, node.key)
-        if not rows:
+        made = [k for b, k in self.cache.pending_keys("mkdir")
+                if b == node.bucket and k.startswith(node.key)]
+        if not rows and not made:
             raise Unreachable(f"s3://{node.bucket}/{node.key}: S3 is unreachable")
         children: dict[bytes, Node] = {}
+        for key in made:  # directories made while offline
+            first = key[len(node.key):].partition("/")[0]
+            if valid_name(first):
+                children.setdefault(first.encode(), self.inodes.child(
+                    node, first.encode(), Kind.DIR, node.bucket, node.key + first + "/"))
         for row in rows:
             rest = row.key[len(node.key):]
             first, sep, _ = rest.partition("/")

@@ -38,8 +38,8 @@ from botocore.config import Config
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
 from .connectivity import Connectivity
-from .errors import (ChecksumMismatch, Changed, Denied, MountError, NotFound, S3StashError,
-                     StoreError, Throttled, Unreachable, first_error)
+from .errors import (ChecksumMismatch, Changed, Conflict, Denied, MountError, NotFound,
+                     S3StashError, StoreError, Throttled, Unreachable, first_error)
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,23 @@ def meta_mtime(ns: int) -> str:
 
 def _ns(dt) -> int:
     return int(dt.timestamp() * 1_000_000_000) if dt is not None else 0
+
+
+def _conditions(base: str | None) -> dict[str, str]:
+    """The condition a change based on version ``base`` is sent with: If-Match that ETag,
+    If-None-Match: * for a new file (''), nothing when the base is unknown (None)."""
+    if base is None:
+        return {}
+    return {"IfMatch": f'"{base}"'} if base else {"IfNoneMatch": "*"}
+
+
+def _conditional(what: str, base: str | None, e: S3StashError) -> S3StashError:
+    """A failed condition is a conflict, not a changed download: S3 moved on (412), or the
+    object the change was based on is gone (404 to If-Match)."""
+    if base is not None and (isinstance(e, Changed) or (base and isinstance(e, NotFound))):
+        return Conflict(f"{what}: S3 no longer has the version this change was based on "
+                        f"({'ETag ' + base if base else 'a new file'}): {e}")
+    return e
 
 
 def _classify(e: BaseException, what: str) -> S3StashError:
@@ -544,16 +561,23 @@ class Store:
 
     # ---------------------------------------------------------------- changes
     async def put_file(self, bucket: str, key: str, fd: int, size: int,
-                       metadata: dict[str, str]) -> str:
+                       metadata: dict[str, str], base: str | None = None) -> str:
         """PUT the first ``size`` bytes of ``fd`` as one object. Content-MD5 makes S3 check what
-        it received, and the ETag it answers must be that MD5. Returns the new ETag."""
+        it received, and the ETag it answers must be that MD5. Returns the new ETag.
+
+        ``base``: the version this change was based on (see ``_conditions``); when S3 no longer
+        has it, Conflict is raised and nothing is written."""
         what = f"PUT s3://{bucket}/{key}"
 
         def call():
             data = _pread_all(fd, 0, size)
             md5 = hashlib.md5(data, usedforsecurity=False)
-            r = self._call(what, "put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata,
-                           ContentMD5=base64.b64encode(md5.digest()).decode())
+            try:
+                r = self._call(what, "put_object", Bucket=bucket, Key=key, Body=data,
+                               Metadata=metadata, ContentMD5=base64.b64encode(md5.digest()).decode(),
+                               **_conditions(base))
+            except S3StashError as e:
+                raise _conditional(what, base, e) from None
             etag = strip_etag(r.get("ETag", ""))
             if is_md5_etag(etag) and etag != md5.hexdigest():
                 raise ChecksumMismatch(f"{what}: S3 stored MD5 {etag}, we sent {md5.hexdigest()}")
@@ -561,7 +585,7 @@ class Store:
         return await self._run(what, self._data, call)
 
     async def multipart_upload(self, bucket: str, key: str, fd: int, size: int, part_size: int,
-                               metadata: dict[str, str]) -> str:
+                               metadata: dict[str, str], base: str | None = None) -> str:
         """Upload ``fd`` in parts sent in parallel, each with its Content-MD5; the ETag S3 gives
         the whole must be the one its parts' MD5s make. Aborted on any failure."""
         upload_id = await self.start_multipart(bucket, key, metadata)
@@ -573,7 +597,7 @@ class Store:
                                               min(part_size, size - start))
         try:
             await run_all(part, starts)
-            return await self.complete_multipart(bucket, key, upload_id, parts)
+            return await self.complete_multipart(bucket, key, upload_id, parts, base)
         except BaseException:
             await self.abort_multipart(bucket, key, upload_id)
             raise
@@ -602,13 +626,28 @@ class Store:
         return await self._run(what, self._data, call)
 
     async def complete_multipart(self, bucket: str, key: str, upload_id: str,
-                                 parts: list[tuple[bytes, str]]) -> str:
-        """Join the parts; the ETag S3 gives the whole must be the one the parts' MD5s make."""
+                                 parts: list[tuple[bytes, str]], base: str | None = None) -> str:
+        """Join the parts; the ETag S3 gives the whole must be the one the parts' MD5s make.
+
+        ``base`` as for ``put_file``, sent with the completion. An If-Match is also checked with
+        a HEAD first: not every S3-compatible server honours it on completion (moto does not),
+        and a completed upload cannot be taken back."""
         what = f"multipart upload of s3://{bucket}/{key}"
         listed = [{"ETag": f'"{e}"', "PartNumber": i + 1} for i, (_, e) in enumerate(parts)]
-        r = await self._run(what, self._meta, lambda: self._call(
-            what, "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
-            MultipartUpload={"Parts": listed}))
+        if base:
+            head = await self.head_object(bucket, key)
+            if head is None or head.etag != base:
+                raise Conflict(f"{what}: S3 no longer has the version this change was based on "
+                               f"(ETag {base}; now {head.etag if head else 'no object'})")
+
+        def call():
+            try:
+                return self._call(what, "complete_multipart_upload", Bucket=bucket, Key=key,
+                                  UploadId=upload_id, MultipartUpload={"Parts": listed},
+                                  **_conditions(base))
+            except S3StashError as e:
+                raise _conditional(what, base, e) from None
+        r = await self._run(what, self._meta, call)
         etag = strip_etag(r.get("ETag", ""))
         joined = hashlib.md5(b"".join(d for d, _ in parts), usedforsecurity=False).hexdigest()
         expected = f"{joined}-{len(parts)}"
@@ -693,15 +732,34 @@ class Store:
             except Exception as e:  # noqa: BLE001 - best effort
                 log.warning("%s: could not abort: %s", what, e)
 
-    async def put_marker(self, bucket: str, key: str) -> None:
+    async def put_marker(self, bucket: str, key: str, only_new: bool = False) -> None:
+        """A directory marker; with ``only_new``, an existing object of that key is left alone
+        (If-None-Match: *) and that counts as done."""
         what = f"PUT s3://{bucket}/{key}"
-        await self._run(what, self._meta, lambda: self._call(
-            what, "put_object", Bucket=bucket, Key=key, Body=b""))
 
-    async def delete_object(self, bucket: str, key: str) -> None:
+        def call():
+            try:
+                self._call(what, "put_object", Bucket=bucket, Key=key, Body=b"",
+                           **_conditions("" if only_new else None))
+            except Changed:
+                if not only_new:
+                    raise
+        await self._run(what, self._meta, call)
+
+    async def delete_object(self, bucket: str, key: str, base: str | None = None) -> None:
+        """Delete ``key``; with ``base``, only if it is still that version (If-Match), else
+        Conflict. A key already gone counts as deleted."""
         what = f"DELETE s3://{bucket}/{key}"
-        await self._run(what, self._meta, lambda: self._call(
-            what, "delete_object", Bucket=bucket, Key=key))
+
+        def call():
+            try:
+                self._call(what, "delete_object", Bucket=bucket, Key=key,
+                           **({"IfMatch": f'"{base}"'} if base else {}))
+            except NotFound:
+                pass
+            except Changed as e:
+                raise _conditional(what, base, e) from None
+        await self._run(what, self._meta, call)
 
     # ---------------------------------------------------------------- start-up
     def check_access(self, bucket: str | None, buckets: tuple[str, ...]) -> None:

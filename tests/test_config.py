@@ -64,6 +64,7 @@ def test_unknown_setting_is_named(tmp_path):
     ("S3STASHFS_ENDPOINT_URL", "localhost:9000", "http:// or https:// URL"),
     ("S3STASHFS_BUCKET", "Bad Bucket!", "not a valid bucket name"),
     ("S3STASHFS_LOG_LEVEL", "LOUD", "one of DEBUG"),
+    ("S3STASHFS_OFFLINE_WRITES", "later", "must be refuse or queue"),
 ])
 def test_bad_values_name_key_and_problem(tmp_path, key, value, message):
     with pytest.raises(ConfigError) as e:
@@ -76,3 +77,19 @@ def test_aws_lines_go_to_boto3_and_not_to_repr(tmp_path):
     s = load(tmp_path, file_text="AWS_SECRET_ACCESS_KEY=sekrit-value\n")
     assert ("AWS_SECRET_ACCESS_KEY", "sekrit-value") in s.aws_env
     assert "sekrit-value" not in repr(s)
+
+
+def test_offline_writes_default_refuse_and_its_sources(tmp_path):
+    assert load(tmp_path).offline_writes == "refuse"
+    assert load(tmp_path, file_text="S3STASHFS_OFFLINE_WRITES=queue\n").offline_writes == "queue"
+    s = load(tmp_path, flags={"offline_writes": "refuse"}, env={"S3STASHFS_OFFLINE_WRITES": "queue"})
+    assert s.offline_writes == "refuse"
+
+
+def test_offline_writes_reaches_the_daemon(tmp_path):
+    from s3stashfs import cli
+    args = cli.build_parser().parse_args(["mount", str(tmp_path), "--offline-writes", "queue"])
+    s = load(tmp_path, flags={"offline_writes": args.offline_writes})
+    env = cli._settings_env(s)
+    assert env["S3STASHFS_OFFLINE_WRITES"] == "queue"
+    assert load(tmp_path, env=env).offline_writes == "queue"

@@ -15,3 +15,21 @@ def test_parts_grow_so_that_5_tib_fits_in_10000_parts():
     assert ps % MiB == 0 and ps > 8 * MiB
     assert -(-size // ps) <= MAX_PARTS
     assert -(-size // (ps - MiB)) > MAX_PARTS  # the smallest whole-MiB size that fits
+
+
+def test_conflict_names_keep_the_extension_last():
+    from s3stashfs.uploads import conflict_key
+    when = 1795257753.0  # 2026-11-21T10:42:33Z
+    assert conflict_key("runs/sample.vcf.gz", when) == "runs/sample.conflict-20261121T104233Z.vcf.gz"
+    assert conflict_key("a.txt", when, 2) == "a.conflict-20261121T104233Z-2.txt"
+    assert conflict_key("x.bam.bai", when) == "x.bam.conflict-20261121T104233Z.bai"
+    assert conflict_key("d/.bashrc", when) == "d/.bashrc.conflict-20261121T104233Z"
+    assert conflict_key("README", when) == "README.conflict-20261121T104233Z"
+
+
+def test_conflict_names_fit_in_255_bytes():
+    from s3stashfs.uploads import conflict_key
+    long = "d/" + "é" * 120 + ".fastq.gz"  # 240 + 9 bytes
+    name = conflict_key(long, 0.0, 12).split("/")[-1]
+    assert len(name.encode()) <= 255 and name.endswith("-12.fastq.gz")
+    name.encode().decode()  # not cut inside a character

@@ -78,6 +78,8 @@ class CachedObject:
         self.retry_delay = 0.0
         self.seq_end = -1  # where the next write must land to keep the file "front to back"
         self.stream = None  # uploads._Stream: parts uploaded while the file is written
+        self.journaled_gen = 0  # the generation whose close put it in the journal's order
+        self.last_error: str | None = None  # why its last upload failed
 
     bucket = property(lambda self: self.row.bucket)
     key = property(lambda self: self.row.key)
@@ -184,16 +186,18 @@ class Cache:
         return obj, same
 
     # ------------------------------------------------------------ local changes
-    def create_local(self, bucket: str, key: str) -> CachedObject:
+    def create_local(self, bucket: str, key: str, base_etag: str | None) -> CachedObject:
         """A new, empty local version of ``key`` (create, or open with O_TRUNC), replacing any
-        cached one; based on the ETag the cache knew, if any."""
+        cached one. ``base_etag``: the version in S3 it replaces ('' = none: a new file); its
+        upload is conditional on S3 still having that."""
         old = self._objects.get((bucket, key))
         base = old.row if old is not None else self.catalog.get(self.origin, bucket, key)
         row = Row(id=None, origin=self.origin, bucket=bucket, key=key,
                   etag=base.etag if base is not None else "", size=0, mtime_ns=time.time_ns(),
                   metadata=base.metadata if base is not None else None,
                   file=data_name(self.origin, bucket, key, "local", os.urandom(8).hex()),
-                  block_size=BLOCK_SIZE, dirty=True, last_access=time.time())
+                  block_size=BLOCK_SIZE, dirty=True, last_access=time.time(),
+                  base_etag=base_etag)
         self.catalog.put(row)
         if old is not None:
             self._retire(old)
@@ -209,6 +213,7 @@ class Cache:
     def make_local(self, obj: CachedObject) -> None:
         """A complete cached version becomes the local one that writes change."""
         if not obj.row.dirty:
+            obj.row.base_etag = obj.row.etag  # the version the change is based on
             obj.row.dirty = True
             obj.row_changed = True
             obj.unsynced = True
@@ -216,6 +221,7 @@ class Cache:
     def uploaded(self, obj: CachedObject, gen: int, etag: str) -> None:
         """S3 now has generation ``gen`` of the local bytes, as ``etag``."""
         obj.row.etag = etag
+        obj.row.base_etag = etag  # later changes are based on what S3 now has
         obj.uploaded_gen = gen
         if obj.gen == gen:
             obj.row.dirty = False
@@ -249,6 +255,8 @@ class Cache:
             row.etag = etag
         if row.id is not None:
             self.catalog.rekey(row.id, new_key, row.etag)
+            if row.dirty:
+                self.catalog.journal_rekey(self.origin, bucket, key, new_key)
         if obj is not None:
             self._objects[(bucket, new_key)] = obj
 
@@ -278,6 +286,12 @@ class Cache:
         if row is not None:
             self.catalog.delete(row.id)
             self._unlink(row.file)
+        self.catalog.journal_forget(self.origin, bucket, key, "upload")
+
+    def pending_keys(self, op: str) -> set[tuple[str, str]]:
+        """(bucket, key) of the journaled changes ``op`` ('delete', 'mkdir') not yet in S3."""
+        return {(j["bucket"], j["key"]) for j in self.catalog.journal(self.origin)
+                if j["op"] == op}
 
     def local_objects(self) -> list[CachedObject]:
         return [o for o in self._objects.values() if o.dirty]
@@ -288,7 +302,7 @@ class Cache:
             if (row.bucket, row.key) not in self._objects:
                 obj = CachedObject(row, self.dir / row.file)
                 obj.present = RangeSet([(0, obj.nblocks)])
-                obj.gen = 1
+                obj.gen = obj.journaled_gen = 1  # journaled (or older than the journal)
                 self._objects[(row.bucket, row.key)] = obj
         return self.local_objects()
 

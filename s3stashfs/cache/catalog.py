@@ -51,6 +51,15 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_kind ON events (kind, time);
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    origin TEXT NOT NULL,
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    op TEXT NOT NULL,
+    base_etag TEXT,
+    time REAL NOT NULL
+);
 """
 # Columns added after schema 1, with their SQL type; added to an older catalog on open.
 _ADDED_COLUMNS = {"base_etag": "TEXT"}
@@ -208,6 +217,43 @@ class Catalog:
         args.append(limit)
         cols = ("time", "origin", "bucket", "key", "kind", "message")
         return [dict(zip(cols, r)) for r in self._db.execute(q, args)]
+
+    # ------------------------------------------------------------ the journal of pending changes
+    # Changes S3 has not got yet, in the order they are to be applied: 'upload' (the dirty
+    # object of that key; one row per key, moved to the end each time the file is closed),
+    # 'delete' (conditional on base_etag), 'mkdir' (key ends in '/').
+
+    def journal_add(self, origin: str, bucket: str, key: str, op: str,
+                    base_etag: str | None) -> int:
+        """Append a change; an 'upload' replaces the key's earlier 'upload' row."""
+        with self._db:
+            self._db.execute("BEGIN")
+            if op == "upload":
+                self._db.execute("DELETE FROM journal WHERE origin=? AND bucket=? AND key=? AND "
+                                 "op='upload'", (origin, bucket, key))
+            cur = self._db.execute(
+                "INSERT INTO journal (origin, bucket, key, op, base_etag, time) "
+                "VALUES (?,?,?,?,?,?) RETURNING seq",
+                (origin, bucket, key, op, base_etag, time.time()))
+            return cur.fetchone()[0]
+
+    def journal(self, origin: str) -> list[dict]:
+        """Pending changes in apply order: dicts with seq, bucket, key, op, base_etag, time."""
+        cols = ("seq", "bucket", "key", "op", "base_etag", "time")
+        return [dict(zip(cols, r)) for r in self._db.execute(
+            f"SELECT {','.join(cols)} FROM journal WHERE origin=? ORDER BY seq", (origin,))]
+
+    def journal_done(self, seq: int) -> None:
+        self._db.execute("DELETE FROM journal WHERE seq=?", (seq,))
+
+    def journal_forget(self, origin: str, bucket: str, key: str, op: str) -> None:
+        self._db.execute("DELETE FROM journal WHERE origin=? AND bucket=? AND key=? AND op=?",
+                         (origin, bucket, key, op))
+
+    def journal_rekey(self, origin: str, bucket: str, key: str, new_key: str) -> None:
+        """A dirty file was renamed: its pending upload goes to the new name."""
+        self._db.execute("UPDATE journal SET key=? WHERE origin=? AND bucket=? AND key=? AND "
+                         "op='upload'", (new_key, origin, bucket, key))
 
     def clear_events(self, bucket: str, key: str, kind: str) -> None:
         self._db.execute("DELETE FROM events WHERE bucket=? AND key=? AND kind=?", (bucket, key, kind))

@@ -1,0 +1,382 @@
+"""Changes while S3 is unreachable (offline_writes=refuse|queue) and conditional uploads that
+keep both versions when S3 changed meanwhile.
+
+The mount talks to moto through the loopback proxy (tests/proxy.py): ``s3_proxy.set_mode
+("refuse")`` makes S3 unreachable for the mount only, while the test's own boto3 client still
+changes objects in moto directly. Mounts use --metadata-ttl 0 so that listing a directory always
+asks S3 (that is how a test makes the mount notice it is offline)."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sqlite3
+import time
+
+import pytest
+
+import helpers
+
+pytestmark = [pytest.mark.timeout(180),
+              pytest.mark.expect_log("unreachable", "upload of .* failed")]
+
+QUEUE = ["--metadata-ttl", "0", "--offline-writes", "queue"]
+REFUSE = ["--metadata-ttl", "0", "--xattrs"]  # refuse is the default
+
+
+def s3_bytes(s3, bucket, key):
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def s3_keys(s3, bucket):
+    return set(helpers.list_keys(s3, bucket))
+
+
+def go_offline(m, proxy):
+    """Make S3 unreachable for the mount, and wait until the mount has noticed."""
+    n = m.log_text().count("offline, serving what is cached")
+    proxy.set_mode("refuse")
+    try:
+        os.listdir(m.path)  # asks S3 (TTL 0): finds it unreachable
+    except OSError:
+        pass
+    helpers.wait_for(lambda: m.log_text().count("offline, serving what is cached") > n,
+                     timeout=30, message="the mount to notice that S3 is unreachable")
+
+
+def go_online(m, proxy):
+    """S3 answers again; the mount's probe (backing off up to 10 s) finds out by itself."""
+    n = m.log_text().count("back online")
+    proxy.set_mode("pass")
+    helpers.wait_for(lambda: m.log_text().count("back online") > n, timeout=30,
+                     message="the mount to come back online")
+
+
+def catalog(m):
+    db = sqlite3.connect(f"file:{m.cache_dir / 'catalog.sqlite3'}?mode=ro", uri=True)
+    try:
+        journal = [(op, key) for op, key in db.execute("SELECT op, key FROM journal ORDER BY seq")]
+        events = [dict(zip(("key", "kind", "message"), r)) for r in
+                  db.execute("SELECT key, kind, message FROM events ORDER BY id")]
+        dirty = {k for (k,) in db.execute("SELECT key FROM objects WHERE dirty=1")}
+    finally:
+        db.close()
+    return journal, events, dirty
+
+
+def fails_at_once(fn, code=errno.ENETUNREACH):
+    t = time.monotonic()
+    with pytest.raises(OSError) as e:
+        fn()
+    assert e.value.errno == code, (fn, e.value)
+    assert time.monotonic() - t < 2.0
+
+
+def write(path, data, mode="wb"):
+    """open/write/close, timed: a queued close is quick."""
+    t = time.monotonic()
+    with open(path, mode) as f:
+        f.write(data)
+    return time.monotonic() - t
+
+
+# ---------------------------------------------------------------------------------- refuse
+
+def test_refuse_mode_fails_every_change_at_once_and_changes_nothing(mount, s3, bucket, s3_proxy):
+    helpers.put_object(s3, bucket, "a.txt", b"original\n")
+    helpers.put_object(s3, bucket, "sub/b.txt", b"b\n")
+    helpers.put_object(s3, bucket, "empty/", b"")
+    m = mount(bucket=bucket, extra_args=REFUSE, endpoint_url=s3_proxy.url)
+    assert (m.path / "a.txt").read_bytes() == b"original\n"
+    assert (m.path / "sub" / "b.txt").read_bytes() == b"b\n"
+    names = sorted(os.listdir(m.path))
+    assert os.listdir(m.path / "empty") == []
+    go_offline(m, s3_proxy)
+    a = m.path / "a.txt"
+    fails_at_once(lambda: open(a, "r+b"))  # O_RDWR
+    fails_at_once(lambda: open(a, "ab"))  # O_WRONLY|O_APPEND
+    fails_at_once(lambda: open(a, "wb"))  # O_TRUNC
+    fails_at_once(lambda: open(m.path / "new.txt", "wb"))  # create
+    fails_at_once(lambda: os.unlink(a))
+    fails_at_once(lambda: os.rename(a, m.path / "renamed.txt"))
+    fails_at_once(lambda: os.mkdir(m.path / "newdir"))
+    fails_at_once(lambda: os.rmdir(m.path / "empty"))
+    fails_at_once(lambda: os.symlink("a.txt", m.path / "link"))
+    fails_at_once(lambda: os.truncate(a, 3))
+    fails_at_once(lambda: os.chmod(a, 0o600))
+    fails_at_once(lambda: os.utime(a, (1, 1)))
+    fails_at_once(lambda: os.chown(a, 1234, 1234))
+    fails_at_once(lambda: os.setxattr(a, "user.project", b"x"))
+    # nothing changed locally: reads and listings as before
+    assert a.read_bytes() == b"original\n"
+    assert sorted(os.listdir(m.path)) == names
+    assert catalog(m)[0] == []  # nothing pending
+    go_online(m, s3_proxy)
+    # nor in S3, once the mount is back
+    assert m.path.joinpath("sub", "b.txt").read_bytes() == b"b\n"
+    assert s3_keys(s3, bucket) == {"a.txt", "sub/b.txt", "empty/"}
+    assert s3_bytes(s3, bucket, "a.txt") == b"original\n"
+    assert sorted(os.listdir(m.path)) == names
+    # and changes work again
+    (m.path / "new.txt").write_bytes(b"now\n")
+    assert s3_bytes(s3, bucket, "new.txt") == b"now\n"
+
+
+# ---------------------------------------------------------------------------------- queue
+
+def test_queue_mode_applies_changes_in_order_once_back_without_remount(
+        mount, s3, bucket, s3_proxy, moto_server):
+    helpers.put_object(s3, bucket, "a.txt", b"v1\n")
+    helpers.put_object(s3, bucket, "log.txt", b"line 1\n")
+    helpers.put_object(s3, bucket, "gone.txt", b"to be deleted\n")
+    helpers.put_object(s3, bucket, "meta.txt", b"unchanged bytes\n")
+    m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
+    for name in ("a.txt", "log.txt", "gone.txt", "meta.txt"):
+        (m.path / name).read_bytes()  # cached
+    go_offline(m, s3_proxy)
+    assert write(m.path / "new.txt", b"created offline\n") < 2.0  # close() returns 0, at once
+    write(m.path / "a.txt", b"v2\n")
+    write(m.path / "a.txt", b"v3: the last version wins\n")
+    write(m.path / "log.txt", b"line 2\n", "ab")
+    os.mkdir(m.path / "newdir")
+    write(m.path / "newdir" / "inner.txt", b"inside a new directory\n")
+    os.unlink(m.path / "gone.txt")
+    os.chmod(m.path / "log.txt", 0o640)
+    os.chmod(m.path / "meta.txt", 0o600)  # a clean cached file: uploaded whole with it
+    os.symlink("a.txt", m.path / "link")
+    # not queued: rename and rmdir
+    fails_at_once(lambda: os.rename(m.path / "new.txt", m.path / "moved.txt"))
+    fails_at_once(lambda: os.rmdir(m.path / "newdir"))
+    # the mount shows the changes at once
+    assert (m.path / "new.txt").read_bytes() == b"created offline\n"
+    assert (m.path / "a.txt").read_bytes() == b"v3: the last version wins\n"
+    assert (m.path / "log.txt").read_bytes() == b"line 1\nline 2\n"
+    assert os.stat(m.path / "log.txt").st_mode & 0o777 == 0o640
+    assert os.stat(m.path / "meta.txt").st_mode & 0o777 == 0o600
+    assert os.readlink(m.path / "link") == "a.txt"
+    assert (m.path / "newdir" / "inner.txt").read_bytes() == b"inside a new directory\n"
+    assert sorted(os.listdir(m.path)) == ["a.txt", "link", "log.txt", "meta.txt", "new.txt",
+                                          "newdir"]
+    assert os.listdir(m.path / "newdir") == ["inner.txt"]
+    # pending, in the order of the changes (a file's place is that of its last close)
+    journal, _, dirty = catalog(m)
+    assert journal == [("upload", "new.txt"), ("upload", "a.txt"), ("mkdir", "newdir/"),
+                       ("upload", "newdir/inner.txt"), ("delete", "gone.txt"),
+                       ("upload", "log.txt"), ("upload", "meta.txt"), ("upload", "link")]
+    assert dirty == {"new.txt", "a.txt", "log.txt", "newdir/inner.txt", "meta.txt", "link"}
+    # S3 has none of it yet
+    assert s3_keys(s3, bucket) == {"a.txt", "log.txt", "gone.txt", "meta.txt"}
+    assert s3_bytes(s3, bucket, "a.txt") == b"v1\n"
+    mark = moto_server.mark()
+    go_online(m, s3_proxy)
+    helpers.wait_for(lambda: catalog(m)[0] == [], timeout=30,
+                     message="the queued changes to be applied")
+    assert s3_keys(s3, bucket) == {"a.txt", "log.txt", "new.txt", "newdir/", "newdir/inner.txt",
+                                   "meta.txt", "link"}
+    assert s3_bytes(s3, bucket, "a.txt") == b"v3: the last version wins\n"
+    assert s3_bytes(s3, bucket, "log.txt") == b"line 1\nline 2\n"
+    assert s3_bytes(s3, bucket, "new.txt") == b"created offline\n"
+    assert s3_bytes(s3, bucket, "newdir/inner.txt") == b"inside a new directory\n"
+    assert s3.head_object(Bucket=bucket, Key="log.txt")["Metadata"]["mode"] == str(0o100640)
+    assert s3.head_object(Bucket=bucket, Key="meta.txt")["Metadata"]["mode"] == str(0o100600)
+    assert s3_bytes(s3, bucket, "meta.txt") == b"unchanged bytes\n"
+    assert s3_bytes(s3, bucket, "link") == b"a.txt"
+    # applied in order, each on its condition
+    changes = [r for r in moto_server.requests_since(mark, bucket=bucket)
+               if r.method in ("PUT", "DELETE")]
+    assert [(r.method, r.key) for r in changes] == [
+        ("PUT", "new.txt"), ("PUT", "a.txt"), ("PUT", "newdir/"), ("PUT", "newdir/inner.txt"),
+        ("DELETE", "gone.txt"), ("PUT", "log.txt"), ("PUT", "meta.txt"), ("PUT", "link")]
+    assert changes[0].headers.get("if-none-match") == "*"
+    assert changes[1].headers.get("if-match", "").strip('"') == helpers.md5_hex(b"v1\n")
+    assert changes[4].headers.get("if-match", "").strip('"') == helpers.md5_hex(b"to be deleted\n")
+    helpers.wait_for(lambda: catalog(m)[2] == set(), timeout=10,
+                     message="nothing dirty in the catalog any more")
+
+
+@pytest.mark.expect_log("conflict")
+def test_queue_conflicts_keep_both_versions(mount, s3, bucket, s3_proxy):
+    helpers.put_object(s3, bucket, "a.txt", b"base\n")
+    helpers.put_object(s3, bucket, "b.txt", b"b base\n")
+    m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
+    assert (m.path / "a.txt").read_bytes() == b"base\n"
+    assert (m.path / "b.txt").read_bytes() == b"b base\n"
+    go_offline(m, s3_proxy)
+    write(m.path / "a.txt", b"changed locally\n")
+    write(m.path / "new.txt", b"ours\n")  # created offline: S3 must not have it
+    os.unlink(m.path / "b.txt")
+    # meanwhile, someone else changes S3
+    helpers.put_object(s3, bucket, "a.txt", b"changed in S3\n")
+    helpers.put_object(s3, bucket, "new.txt", b"theirs\n")
+    helpers.put_object(s3, bucket, "b.txt", b"b changed in S3\n")
+    go_online(m, s3_proxy)
+    helpers.wait_for(lambda: catalog(m)[0] == [], timeout=30,
+                     message="the queued changes to be applied")
+    keys = s3_keys(s3, bucket)
+    ca = [k for k in keys if k.startswith("a.conflict-") and k.endswith(".txt")]
+    cn = [k for k in keys if k.startswith("new.conflict-") and k.endswith(".txt")]
+    assert len(ca) == 1 and len(cn) == 1, keys
+    assert keys == {"a.txt", "b.txt", "new.txt", ca[0], cn[0]}
+    # the original keys keep S3's versions; the local ones are beside them
+    assert s3_bytes(s3, bucket, "a.txt") == b"changed in S3\n"
+    assert s3_bytes(s3, bucket, ca[0]) == b"changed locally\n"
+    assert s3_bytes(s3, bucket, "new.txt") == b"theirs\n"
+    assert s3_bytes(s3, bucket, cn[0]) == b"ours\n"
+    assert s3_bytes(s3, bucket, "b.txt") == b"b changed in S3\n"  # the delete was not applied
+    # recorded for status, with the conflict key
+    _, events, _ = catalog(m)
+    conflicts = {e["key"]: e["message"] for e in events if e["kind"] == "conflict"}
+    assert conflicts["a.txt"].endswith(f"kept as {ca[0]}")
+    assert conflicts["new.txt"].endswith(f"kept as {cn[0]}")
+    assert "b.txt" in conflicts
+    helpers.wait_for(lambda: catalog(m)[2] == set(), timeout=10, message="nothing dirty")
+    # the mount shows both
+    assert (m.path / "a.txt").read_bytes() == b"changed in S3\n"
+    assert (m.path / ca[0]).read_bytes() == b"changed locally\n"
+    assert (m.path / "new.txt").read_bytes() == b"theirs\n"
+    assert (m.path / cn[0]).read_bytes() == b"ours\n"
+    assert (m.path / "b.txt").read_bytes() == b"b changed in S3\n"
+
+
+def test_queued_changes_survive_kill_9_and_a_remount_while_offline(mount, s3, bucket, s3_proxy):
+    helpers.put_object(s3, bucket, "keep.txt", b"cached\n")
+    helpers.put_object(s3, bucket, "old.txt", b"old\n")
+    m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
+    assert (m.path / "keep.txt").read_bytes() == b"cached\n"
+    assert (m.path / "old.txt").read_bytes() == b"old\n"
+    go_offline(m, s3_proxy)
+    write(m.path / "q.txt", b"queued before the crash\n")  # durable when close() returns
+    os.mkdir(m.path / "qdir")
+    os.unlink(m.path / "old.txt")
+    pid = m.pid
+    os.kill(pid, signal.SIGKILL)
+    helpers.wait_for(lambda: not helpers.pid_alive(pid), timeout=10)
+    m.remount()  # still offline: mounts, because the cache has something to serve
+    assert (m.path / "q.txt").read_bytes() == b"queued before the crash\n"
+    assert sorted(os.listdir(m.path)) == ["keep.txt", "q.txt", "qdir"]
+    assert os.listdir(m.path / "qdir") == []
+    assert s3_keys(s3, bucket) == {"keep.txt", "old.txt"}
+    go_online(m, s3_proxy)
+    helpers.wait_for(lambda: s3_keys(s3, bucket) == {"keep.txt", "q.txt", "qdir/"}, timeout=30,
+                     message="the queued changes to reach S3 after the remount")
+    assert s3_bytes(s3, bucket, "q.txt") == b"queued before the crash\n"
+    helpers.wait_for(lambda: catalog(m)[0] == [], timeout=10, message="an empty journal")
+
+
+# ---------------------------------------------------------------------------------- online
+
+@pytest.mark.expect_log("conflict")
+@pytest.mark.parametrize("size", [100, 9 * helpers.MiB], ids=["put", "multipart"])
+def test_object_changed_in_s3_while_open_for_write_keeps_both(mount, s3, bucket, size):
+    base = helpers.random_bytes(size, seed=1)
+    helpers.put_object(s3, bucket, "data.bin", base)
+    m = mount(bucket=bucket)
+    assert helpers.md5_file(m.path / "data.bin") == helpers.md5_hex(base)
+    local = bytearray(base)
+    local[10:20] = b"LOCAL EDIT"
+    with open(m.path / "data.bin", "r+b") as f:
+        f.seek(10)
+        f.write(b"LOCAL EDIT")
+        remote = helpers.random_bytes(size, seed=2)
+        helpers.put_object(s3, bucket, "data.bin", remote)
+    # close() returned 0: both versions are safe
+    keys = s3_keys(s3, bucket)
+    conflict = [k for k in keys if k.startswith("data.conflict-") and k.endswith(".bin")]
+    assert len(conflict) == 1, keys
+    assert helpers.md5_hex(s3_bytes(s3, bucket, "data.bin")) == helpers.md5_hex(remote)
+    assert helpers.md5_hex(s3_bytes(s3, bucket, conflict[0])) == helpers.md5_hex(bytes(local))
+    _, events, dirty = catalog(m)
+    assert [e["message"].endswith(f"kept as {conflict[0]}") for e in events
+            if e["kind"] == "conflict" and e["key"] == "data.bin"] == [True]
+    assert dirty == set()
+    assert m.log_text().count("conflict: s3://") == 1
+    assert helpers.md5_file(m.path / "data.bin") == helpers.md5_hex(remote)
+    assert helpers.md5_file(m.path / conflict[0]) == helpers.md5_hex(bytes(local))
+
+
+def test_uploads_are_conditional_on_the_version_they_change(mount, s3, bucket, moto_server):
+    helpers.put_object(s3, bucket, "a.txt", b"one\n")
+    m = mount(bucket=bucket)
+    mark = moto_server.mark()
+    with open(m.path / "a.txt", "ab") as f:
+        f.write(b"two\n")
+    (m.path / "b.txt").write_bytes(b"new\n")
+    (m.path / "b.txt").write_bytes(b"newer\n")
+    puts = [r for r in moto_server.requests_since(mark, method="PUT", bucket=bucket)]
+    assert [(r.key, r.headers.get("if-match", "").strip('"'), r.headers.get("if-none-match"))
+            for r in puts] == [("a.txt", helpers.md5_hex(b"one\n"), None),
+                               ("b.txt", "", "*"),
+                               ("b.txt", helpers.md5_hex(b"new\n"), None)]
+    assert s3_bytes(s3, bucket, "a.txt") == b"one\ntwo\n"
+    assert s3_bytes(s3, bucket, "b.txt") == b"newer\n"
+
+
+# ---------------------------------------------------------------------- the lead's interface
+
+def test_pending_and_sync_all(tmp_path, s3, bucket, moto_server, monkeypatch):
+    """Uploader.pending() and sync_all(), in process against the real moto_server (what the
+    status and sync commands are built on)."""
+    import trio
+
+    from s3stashfs.cache import Cache
+    from s3stashfs.config import Settings
+    from s3stashfs.store import Store
+    from s3stashfs.uploads import Uploader
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    old = helpers.put_object(s3, bucket, "old.txt", b"old\n")
+    helpers.put_object(s3, bucket, "c.txt", b"c base\n")
+    settings = Settings(endpoint_url=moto_server.url, region="us-east-1",
+                        cache_dir=tmp_path / "cache")
+
+    def local(cache, key, data, base):
+        obj = cache.create_local(bucket, key, base)
+        os.pwrite(cache.ensure_open(obj), data, 0)
+        obj.changed_locally(len(data))
+        return obj
+
+    async def main():
+        cache = Cache(settings.cache_dir, settings.origin)
+        store = Store(settings)
+        up = Uploader(store, cache, 8 << 20, 8 << 20, (), "queue")
+        store.connectivity.unreachable("test")  # offline: changes are queued
+        t0 = time.time()
+        assert await up.upload(local(cache, "n.txt", b"hello", "")) is None
+        assert await up.upload(local(cache, "c.txt", b"c local\n",
+                                     helpers.md5_hex(b"c base\n"))) is None
+        up.queue(bucket, "old.txt", "delete", old.etag.strip('"'))
+        pending = up.pending()
+        assert [(p["op"], p["key"], p["size"]) for p in pending] == [
+            ("upload", "n.txt", 5), ("upload", "c.txt", 8), ("delete", "old.txt", None)]
+        assert [p["base_etag"] for p in pending] == ["", helpers.md5_hex(b"c base\n"),
+                                                     old.etag.strip('"')]
+        assert all(t0 - 1 <= p["since"] <= time.time() and p["error"] is None for p in pending)
+        # offline: each attempt fails at once and is listed
+        t = time.monotonic()
+        r = await up.sync_all()
+        assert time.monotonic() - t < 2
+        assert r["uploaded"] == [] and r["conflicts"] == []
+        assert [(f["op"], f["key"]) for f in r["failed"]] == [
+            ("upload", "n.txt"), ("upload", "c.txt"), ("delete", "old.txt")]
+        assert all("unreachable" in f["error"] for f in r["failed"])
+        assert all(p["error"] for p in up.pending())
+        helpers.put_object(s3, bucket, "c.txt", b"c changed in S3\n")
+        store.connectivity.reachable()
+        r = await up.sync_all()
+        assert r["failed"] == []
+        assert r["uploaded"] == [{"bucket": bucket, "key": "n.txt", "op": "upload"},
+                                 {"bucket": bucket, "key": "old.txt", "op": "delete"}]
+        assert [(c["key"], c["conflict_key"].startswith("c.conflict-")) for c in r["conflicts"]] \
+            == [("c.txt", True)]
+        assert up.pending() == []
+        assert await up.sync_all() == {"uploaded": [], "failed": [], "conflicts": []}
+        events = cache.catalog.events("conflict")
+        assert events[0]["message"].endswith("kept as " + r["conflicts"][0]["conflict_key"])
+        await cache.close()
+        return r["conflicts"][0]["conflict_key"]
+
+    ckey = trio.run(main)
+    assert s3_keys(s3, bucket) == {"n.txt", "c.txt", ckey}
+    assert s3_bytes(s3, bucket, ckey) == b"c local\n"
+    assert s3_bytes(s3, bucket, "c.txt") == b"c changed in S3\n"
