@@ -120,9 +120,23 @@ def ask(cache_dir: Path, req: dict, on_progress=None):
 
 
 def pending_rows(cache) -> list[dict]:
-    return [{"op": "upload", "bucket": r.bucket, "key": r.key, "size": r.size,
-             "base_etag": r.base_etag, "since": None, "error": None}
-            for r in cache.catalog.dirty_rows(cache.origin)]
+    """What a stopped mount left pending, read from the catalog, in the order it is applied:
+    dirty files without a journal row (older catalogs) first, then the journal."""
+    cat = cache.catalog
+    dirty = {(r.bucket, r.key): r for r in cat.dirty_rows(cache.origin)}
+    journal = cat.journal(cache.origin)
+    queued = {(j["bucket"], j["key"]) for j in journal if j["op"] == "upload"}
+    out = [{"op": "upload", "bucket": r.bucket, "key": r.key, "size": r.size,
+            "base_etag": r.base_etag, "since": None, "error": None}
+           for k, r in dirty.items() if k not in queued]
+    for j in journal:
+        row = dirty.get((j["bucket"], j["key"])) if j["op"] == "upload" else None
+        if j["op"] == "upload" and row is None:
+            continue  # uploaded; the row was not dropped yet
+        out.append({"op": j["op"], "bucket": j["bucket"], "key": j["key"],
+                    "size": row.size if row else None, "base_etag": j["base_etag"],
+                    "since": j["time"], "error": None})
+    return out
 
 
 # ------------------------------------------------------------------------ commands
