@@ -299,12 +299,20 @@ class Operations(pyfuse3.Operations):
             fd = self.cache.ensure_open(obj)
             view = memoryview(buf)
             pos = off
-            while view:
-                n = os.pwrite(fd, view, pos)
-                pos += n
-                view = view[n:]
-            obj.changed_locally(max(obj.size, off + len(buf)))
-            self.uploader.wrote(obj, off, len(buf))
+            try:
+                while view:
+                    try:
+                        n = os.pwrite(fd, view, pos)
+                    except OSError as e:  # a full cache disk: make room once, then ENOSPC
+                        if e.errno != errno.ENOSPC or not await self.cache.make_room(len(view)):
+                            raise
+                        n = os.pwrite(fd, view, pos)
+                    pos += n
+                    view = view[n:]
+            finally:
+                if pos > off:  # what was written is a change, even if the rest failed
+                    obj.changed_locally(max(obj.size, pos))
+                    self.uploader.wrote(obj, off, pos - off)
         return len(buf)
 
     @handler
