@@ -17,7 +17,7 @@ import os
 import trio
 
 from .cache import (BLOCK_SIZE, INDEX_SUFFIXES, SUMS_SUFFIX, Cache, CachedObject, Fetch,  # noqa: F401
-                    is_index, write_sums)
+                    check_reserve, is_index, write_sums)
 from .errors import Changed, NoSpace, S3StashError
 from .store import Store, is_md5_etag
 
@@ -254,6 +254,7 @@ class Fetcher:
             summed = [start]
 
             def progress(pos: int) -> None:  # in the worker thread: sum, hand over, do not wait
+                check_reserve(fd)
                 upto = min(nblocks if pos >= size else pos // BLOCK_SIZE, f.end)
                 if upto > summed[0]:
                     write_sums(fd, sums_fd, size, summed[0], upto)

@@ -509,10 +509,15 @@ class Cache:
     def _excess(self, needed: int = 0) -> int:
         """Bytes to evict so that ``needed`` more fit within both limits (<= 0: none)."""
         free, total = self.disk_space()
-        excess = self.min_free.of(total) + needed - free
+        excess = self._min_free(total) + needed - free
         if self.max_size is not None and self.catalog.held_filled():
             excess = max(excess, self.catalog.total_held() + needed - self.max_size)
         return excess
+
+    def _min_free(self, fs_total: int) -> int:
+        """The free space eviction keeps: the setting, and never less than the reserve that
+        writes into the cache leave for the catalog (see check_reserve)."""
+        return max(self.min_free.of(fs_total), reserve_bytes(fs_total))
 
     def _nudge(self) -> None:
         self._limits_wanted.set()
@@ -567,7 +572,7 @@ class Cache:
             log.warning("cache: over its limits (holds %d bytes, max %s; %d bytes free on its "
                         "disk, min %d) and nothing more can be evicted: the rest is dirty, "
                         "pinned or in use", self.catalog.total_held(), self.max_size, free,
-                        self.min_free.of(total))
+                        self._min_free(total))
         elif freed >= excess:
             self._over_warned = False
         return freed
@@ -593,7 +598,7 @@ class Cache:
         free, total = self.disk_space()
         out = self.catalog.usage()
         out.update(bytes=self.catalog.total_held(), max_size=self.max_size,
-                   min_free=self.min_free.of(total), disk_free=free, disk_total=total)
+                   min_free=self._min_free(total), disk_free=free, disk_total=total)
         return out
 
     def _fill_now(self) -> None:
@@ -837,6 +842,22 @@ def _check_file(path: Path, size: int, present: list[tuple[int, int]],
         return ([] if h.hexdigest() == md5 else list(range(nblocks))), size
     finally:
         os.close(fd)
+
+
+def reserve_bytes(fs_total: int) -> int:
+    return min(64 << 20, max(4 << 20, fs_total // 100))
+
+
+def check_reserve(fd: int) -> None:
+    """Before writing into the cache (a worker thread between pieces of a download, or a write
+    through the mount): fail with ENOSPC when the cache's disk is nearly full, so that the
+    catalog can still record what is cached and dirty (SQLite needs room to commit). The
+    reserve is 1% of the disk, at least 4 MiB and at most 64 MiB; downloads running in
+    parallel may each write one more piece (1 MiB) into it."""
+    st = os.fstatvfs(fd)
+    if st.f_bavail * st.f_frsize < reserve_bytes(st.f_blocks * st.f_frsize):
+        raise OSError(errno.ENOSPC, "No space left on device (the rest is kept for the cache's "
+                                    "catalog)")
 
 
 def write_sums(fd: int, sums_fd: int, size: int, first: int, end: int) -> None:
