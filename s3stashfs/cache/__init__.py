@@ -420,6 +420,8 @@ class Cache:
         else:
             self._retired.discard(obj)
         self._close_file(obj)
+        if self._over_warned:  # over the limits with nothing to evict: now there may be
+            self._nudge()
 
     def pread(self, obj: CachedObject, off: int, size: int) -> bytes:
         obj.last_access = time.time()  # recorded with the object's next catalog update
