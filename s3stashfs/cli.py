@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--region", metavar="R", help="AWS region [S3STASHFS_REGION]")
     m.add_argument("--cache-dir", metavar="DIR",
                    help="cache directory (default $XDG_CACHE_HOME/s3stashfs) [S3STASHFS_CACHE_DIR]")
+    m.add_argument("--cache-max-size", metavar="SIZE",
+                   help="largest the cache may grow, e.g. 500M, 20G, 1.5T (default none: no "
+                        "limit); least recently read files are evicted first, never files with "
+                        "unsaved changes, pinned or open ones [S3STASHFS_CACHE_MAX_SIZE]")
+    m.add_argument("--cache-min-free", metavar="SIZE|PCT",
+                   help="free space the cache keeps on its disk by evicting, e.g. 2G or 10%% "
+                        "(default 5%%) [S3STASHFS_CACHE_MIN_FREE]")
     m.add_argument("--read-only", action="store_true", help="refuse every change [S3STASHFS_READ_ONLY]")
     m.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stderr")
     m.add_argument("--allow-other", action="store_true",
@@ -166,7 +173,8 @@ def _settings(args):
     from . import config
     flags = {k: getattr(args, k, None) for k in (
         "endpoint_url", "region", "profile", "bucket", "cache_dir", "metadata_ttl", "log_file",
-        "read_only", "allow_other", "xattrs", "foreground", "debug", "offline_writes")}
+        "read_only", "allow_other", "xattrs", "foreground", "debug", "offline_writes",
+        "cache_max_size", "cache_min_free")}
     return config.load(flags)
 
 
@@ -263,7 +271,9 @@ def _settings_env(settings) -> dict[str, str]:
            "S3STASHFS_MULTIPART_THRESHOLD_MB": str(settings.multipart_threshold_mb),
            "S3STASHFS_PART_SIZE_MB": str(settings.part_size_mb),
            "S3STASHFS_OFFLINE_WRITES": settings.offline_writes,
-           "S3STASHFS_LOCAL_ONLY": ",".join(settings.local_only)}
+           "S3STASHFS_LOCAL_ONLY": ",".join(settings.local_only),
+           "S3STASHFS_CACHE_MAX_SIZE": str(settings.cache_max_size or "none"),
+           "S3STASHFS_CACHE_MIN_FREE": str(settings.cache_min_free)}
     for name, key in (("endpoint_url", "S3STASHFS_ENDPOINT_URL"), ("region", "S3STASHFS_REGION"),
                       ("profile", "S3STASHFS_PROFILE")):
         if getattr(settings, name):

@@ -23,6 +23,26 @@ DEFAULT_METADATA_TTL = 5.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 OFFLINE_WRITES = ("refuse", "queue")
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """An amount of disk space: ``bytes``, or ``percent`` of the filesystem it is on."""
+
+    bytes: int = 0
+    percent: float = 0.0
+
+    def of(self, fs_total: int) -> int:
+        """In bytes, for a filesystem of ``fs_total`` bytes."""
+        return self.bytes if not self.percent else int(fs_total * self.percent / 100)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent else str(self.bytes)
+
+
+DEFAULT_CACHE_MIN_FREE = Space(percent=5.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +74,8 @@ class Settings:
     # while S3 is unreachable: "refuse" every change at once (ENETUNREACH), or "queue" it in
     # the cache and apply it once S3 answers
     offline_writes: str = "refuse"
+    cache_max_size: int | None = None  # bytes the cache may hold (None: no limit)
+    cache_min_free: Space = DEFAULT_CACHE_MIN_FREE  # the cache evicts to keep this much free
     # AWS_* lines of the env file, handed to boto3's credential chain; never logged.
     aws_env: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
 
@@ -143,6 +165,39 @@ def _mib(v: str) -> int:
     return n
 
 
+def parse_size(v: str) -> int:
+    """``500M``, ``20G``, ``1.5T``, ``4096``: binary units (K = 1024), an optional ``B``/``iB``."""
+    m = _SIZE_RE.fullmatch(v.strip())
+    if not m:
+        raise ValueError("must be a size such as 4096, 500M, 20G or 1.5T")
+    n = float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    if n != int(n) and not m.group(2):
+        raise ValueError("must be a whole number of bytes")
+    return int(n)
+
+
+def _max_size(v: str) -> int | None:
+    if v.strip().lower() in ("0", "none"):
+        return None
+    return parse_size(v)
+
+
+def _min_free(v: str) -> Space:
+    text = v.strip()
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise ValueError("must be a size such as 1G or a percentage such as 5%") from None
+        if not 0 <= pct < 100:
+            raise ValueError("must be a percentage from 0% to under 100%")
+        return Space(percent=pct)
+    try:
+        return Space(bytes=parse_size(text))
+    except ValueError:
+        raise ValueError("must be a size such as 1G or a percentage such as 5%") from None
+
+
 def _globs(v: str) -> tuple[str, ...]:
     globs = tuple(g.strip() for g in v.split(",") if g.strip())
     for g in globs:
@@ -181,6 +236,8 @@ _SPECS: dict[str, tuple[Callable[[str], Any], str]] = {
     "multipart_threshold_mb": (_mib, "S3STASHFS_MULTIPART_THRESHOLD_MB"),
     "part_size_mb": (_mib, "S3STASHFS_PART_SIZE_MB"),
     "offline_writes": (_parse_offline_writes, "S3STASHFS_OFFLINE_WRITES"),
+    "cache_max_size": (_max_size, "S3STASHFS_CACHE_MAX_SIZE"),
+    "cache_min_free": (_min_free, "S3STASHFS_CACHE_MIN_FREE"),
 }
 _ENV_KEYS = {env for _, env in _SPECS.values()} | {ENV_FILE_VAR}
 

@@ -6,6 +6,7 @@ The core (namespace, cache, fetch, store) raises these; only ``fs.py`` turns the
 from __future__ import annotations
 
 import errno
+import sqlite3
 
 
 class S3StashError(Exception):
@@ -113,6 +114,8 @@ def errno_for(exc: BaseException) -> int:
         return exc.errno
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return errno.ENOSPC
+    if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return errno.ENOSPC  # the catalog could not grow: the cache's disk is full
     return errno.EIO
 
 

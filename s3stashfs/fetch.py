@@ -9,21 +9,22 @@ Concurrent readers of one block share one GET: a block is fetched by at most one
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 
 import trio
 
-from .cache import BLOCK_SIZE, Cache, CachedObject, Fetch
-from .errors import Changed, S3StashError
+from .cache import (BLOCK_SIZE, INDEX_SUFFIXES, SUMS_SUFFIX, Cache, CachedObject, Fetch,  # noqa: F401
+                    check_reserve, is_index, write_sums)
+from .errors import Changed, NoSpace, S3StashError
 from .store import Store, is_md5_etag
 
 log = logging.getLogger(__name__)
 
 SMALL_OBJECT = 1 << 20  # objects up to this size are fetched whole on first read
 INDEX_MAX = 64 << 20  # index files up to this size are fetched whole
-INDEX_SUFFIXES = (".bai", ".csi", ".tbi", ".crai", ".fai", ".gzi")
 CHUNK = 8 << 20  # largest single ranged GET of read-ahead
 READ_AHEAD_AFTER = 512 << 10  # a sequential run gets read-ahead once it has read this much
 FIRST_WINDOW = 1 << 20
@@ -31,10 +32,6 @@ MAX_WINDOW = 64 << 20
 SEQ_SLACK_MIN = 128 << 10  # how near the run's end a read must be to continue it...
 SEQ_SLACK_MAX = 8 << 20  # ...plus up to this much as the run grows (requests overtake)
 DISK_AHEAD = 16 << 20  # how far ahead a sequential reader has the cache file read from disk
-
-
-def is_index(key: str) -> bool:
-    return key.lower().endswith(INDEX_SUFFIXES)
 
 
 class ReadState:
@@ -176,24 +173,26 @@ class Fetcher:
         return out
 
     async def _run(self, obj: CachedObject, f: Fetch, whole: bool) -> None:
-        token = trio.lowlevel.current_trio_token()
-        marked = [f.start]
-
-        def progress(pos: int) -> None:  # in the worker thread: hand over, do not wait
-            token.run_sync_soon(self._arrived, obj, f, marked, pos)
-
         try:
-            if whole:
-                fd = obj.fd if obj.fd is not None else self.cache.opener(obj)
-                fd = await self.store.fetch_whole(obj.bucket, obj.key, obj.etag, obj.size, fd, progress)
-                self.cache.adopt(obj, fd)
-                if is_md5_etag(obj.etag):
-                    obj.row.verified = True
-            else:
-                await self.store.fetch_range(obj.bucket, obj.key, obj.etag, f.start * BLOCK_SIZE,
-                                             min(f.end * BLOCK_SIZE, obj.size),
-                                             self.cache.ensure_open(obj), progress)
-            self._arrived(obj, f, marked, min(f.end * BLOCK_SIZE, obj.size))
+            try:
+                await self._get(obj, f, whole)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                # The cache's disk is full: make room once, then try again (what was written
+                # and reported stays; the rest is fetched again).
+                needed = (f.end - f.start) * BLOCK_SIZE
+                if not await self.cache.make_room(needed):
+                    raise NoSpace(f"s3://{obj.bucket}/{obj.key}: the cache's disk is full and "
+                                  f"nothing in the cache may be evicted") from None
+                log.info("s3://%s/%s: the cache's disk was full: made room, fetching again",
+                         obj.bucket, obj.key)
+                try:
+                    await self._get(obj, f, whole)
+                except OSError as e2:
+                    if e2.errno != errno.ENOSPC:
+                        raise
+                    raise NoSpace(f"s3://{obj.bucket}/{obj.key}: the cache's disk is full") from None
         except Exception as e:  # noqa: BLE001 - handed to the readers waiting on it
             f.error = e
             if isinstance(e, S3StashError):
@@ -211,6 +210,60 @@ class Fetcher:
                 obj.verifying = True
                 self.nursery.start_soon(self._verify, obj)
             self._release(obj)
+
+    async def _get(self, obj: CachedObject, f: Fetch, whole: bool) -> None:
+        """One GET of the fetch's blocks still missing into the data file. Each piece written
+        is summed (CRC32 per block, in the worker thread) before it is reported present."""
+        token = trio.lowlevel.current_trio_token()
+        start = f.start
+        while start < f.end and start in obj.present:  # an earlier try got this far
+            start += 1
+        marked = [start]
+        size = obj.size
+        if whole:
+            # small single-part objects are checked against their MD5 ETag: no sums needed
+            path = None if is_md5_etag(obj.etag) else str(obj.path) + SUMS_SUFFIX
+            mode = self.cache.file_mode
+
+            def done(pos: int) -> None:  # in the worker thread, once all of it is written
+                if path is not None:
+                    sums_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+                    try:
+                        write_sums(held[0], sums_fd, size, f.start, f.end)
+                        os.fsync(sums_fd)  # no descriptor for Cache.sync to flush later
+                    finally:
+                        os.close(sums_fd)
+                token.run_sync_soon(self._arrived, obj, f, marked, pos)
+
+            held = [obj.fd]  # the data file's descriptor, once known
+            opener = self.cache.opener(obj)
+
+            def open_it() -> int:  # in the worker thread
+                held[0] = opener()
+                return held[0]
+
+            fd = await self.store.fetch_whole(obj.bucket, obj.key, obj.etag, size,
+                                              held[0] if held[0] is not None else open_it, done)
+            self.cache.adopt(obj, fd)
+            if is_md5_etag(obj.etag):
+                obj.row.verified = True
+        else:
+            fd = self.cache.ensure_open(obj)
+            sums_fd = self.cache.ensure_sums(obj)
+            nblocks = obj.nblocks
+            summed = [start]
+
+            def progress(pos: int) -> None:  # in the worker thread: sum, hand over, do not wait
+                check_reserve(fd)
+                upto = min(nblocks if pos >= size else pos // BLOCK_SIZE, f.end)
+                if upto > summed[0]:
+                    write_sums(fd, sums_fd, size, summed[0], upto)
+                    summed[0] = upto
+                token.run_sync_soon(self._arrived, obj, f, marked, pos)
+
+            await self.store.fetch_range(obj.bucket, obj.key, obj.etag, start * BLOCK_SIZE,
+                                         min(f.end * BLOCK_SIZE, size), fd, progress)
+        self._arrived(obj, f, marked, min(f.end * BLOCK_SIZE, size))
 
     def _release(self, obj: CachedObject) -> None:
         """A background task is done with ``obj``; its failure must not end the mount."""

@@ -16,7 +16,7 @@ import time
 
 import pyfuse3
 
-from .cache import Cache, CachedObject
+from .cache import Cache, CachedObject, check_reserve
 from .errors import (Changed, Exists, IsADirectory, NotADirectory, NotEmpty, NotFound,
                      NotSupported, ReadOnly, S3StashError, Unreachable, errno_for)
 from .fetch import Fetcher, ReadState
@@ -57,9 +57,13 @@ def handler(fn):
             else:
                 log.exception("%s: unexpected OS error", fn.__name__)
             raise pyfuse3.FUSEError(errno_for(e)) from None
-        except Exception:
-            log.exception("%s: unexpected error", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as e:
+            code = errno_for(e)
+            if code == errno.ENOSPC:  # the catalog on a full disk
+                log.error("%s: cache disk full: %s", fn.__name__, e)
+            else:
+                log.exception("%s: unexpected error", fn.__name__)
+            raise pyfuse3.FUSEError(code) from None
     return wrapper
 
 
@@ -330,12 +334,22 @@ class Operations(pyfuse3.Operations):
             fd = self.cache.ensure_open(obj)
             view = memoryview(buf)
             pos = off
-            while view:
-                n = os.pwrite(fd, view, pos)
-                pos += n
-                view = view[n:]
-            obj.changed_locally(max(obj.size, off + len(buf)))
-            self.uploader.wrote(obj, off, len(buf))
+            try:
+                while view:
+                    try:
+                        check_reserve(fd)
+                        n = os.pwrite(fd, view, pos)
+                    except OSError as e:  # a full cache disk: make room once, then ENOSPC
+                        if e.errno != errno.ENOSPC or not await self.cache.make_room(len(view)):
+                            raise
+                        check_reserve(fd)
+                        n = os.pwrite(fd, view, pos)
+                    pos += n
+                    view = view[n:]
+            finally:
+                if pos > off:  # what was written is a change, even if the rest failed
+                    obj.changed_locally(max(obj.size, pos))
+                    self.uploader.wrote(obj, off, pos - off)
         return len(buf)
 
     @handler

@@ -126,7 +126,8 @@ class Mount:
         self.settings = settings
         self.mountpoint = mountpoint
         self.store = Store(settings)
-        self.cache = Cache(settings.cache_dir, settings.origin, settings.file_mode)
+        self.cache = Cache(settings.cache_dir, settings.origin, settings.file_mode,
+                           settings.cache_max_size, settings.cache_min_free)
         self.cache.load_dirty()  # local changes are shown (and, unless read-only, uploaded)
         if settings.bucket:
             root = (Kind.BUCKET, settings.bucket, settings.prefix)

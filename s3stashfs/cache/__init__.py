@@ -2,8 +2,17 @@
 
 A cached object is (bucket, key, ETag): bytes cached under one ETag are never served for another.
 The data file holds the object's bytes at their own offsets and is named by a hash of
-(origin, bucket, key, ETag), never by the key's text. Nothing is scanned at mount time: rows are
-checked against their data file when first used, and stray files are swept in the background.
+(origin, bucket, key, ETag), never by the key's text. Beside it, ``<file>.crc`` holds a CRC32 of
+each 64 KiB block fetched by ranged GETs (4 bytes at offset 4 * block; 0 = no sum), written by
+the worker thread that wrote the block and fsync'ed with it, so that ``verify`` can check a
+partly cached object. Nothing is scanned at mount time: rows are checked against their data file
+when first used, stray files are swept and the size of an older catalog is computed in the
+background.
+
+Size limits: the catalog keeps a running total of the bytes held. When it exceeds
+``max_size``, or the disk has less than ``min_free`` free, whole objects are evicted, least
+recently accessed first and index files last; never a dirty, pinned or in-use one (in use: in
+``_objects``, i.e. open, fetching, syncing or not yet recorded, or a retired version).
 """
 from __future__ import annotations
 
@@ -13,19 +22,31 @@ import hashlib
 import logging
 import os
 import sqlite3
+import struct
 import time
+import zlib
 from pathlib import Path
 
 import trio
 
-from ..store import ObjectInfo
-from .catalog import Catalog, Row
+from ..config import DEFAULT_CACHE_MIN_FREE, Space
+from ..store import ObjectInfo, is_md5_etag
+from .catalog import Candidate, Catalog, Row
 from .ranges import RangeSet
 
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 64 * 1024
 SYNC_INTERVAL = 1.0
+LIMITS_INTERVAL = 10.0  # free space is checked this often even when nothing is fetched
+EVICT_BATCH = 64  # objects dropped between checkpoints (unlinks run on the trio thread)
+FILL_BATCH = 500  # rows of an older catalog sized between checkpoints
+SUMS_SUFFIX = ".crc"
+INDEX_SUFFIXES = (".bai", ".csi", ".tbi", ".crai", ".fai", ".gzi")
+
+
+def is_index(key: str) -> bool:
+    return key.lower().endswith(INDEX_SUFFIXES)
 
 
 def data_name(*parts: str) -> str:
@@ -62,6 +83,7 @@ class CachedObject:
         self.inflight: dict[int, Fetch] = {}
         self.changed = trio.Event()
         self.fd: int | None = None
+        self.sums_fd: int | None = None  # the .crc sidecar, opened for ranged fetches
         self.opens = 0
         self.current = True  # False once a newer version replaced it in the cache
         self.verifying = False
@@ -138,10 +160,17 @@ class CachedObject:
 class Cache:
     """The cache directory: catalog, data files, and the objects in use."""
 
-    def __init__(self, cache_dir: Path, origin: str, file_mode: int = 0o600):
+    def __init__(self, cache_dir: Path, origin: str, file_mode: int = 0o600,
+                 max_size: int | None = None, min_free: Space = DEFAULT_CACHE_MIN_FREE):
         self.dir = cache_dir
         self.origin = origin
         self.file_mode = file_mode
+        self.max_size = max_size or None
+        self.min_free = min_free
+        self._limits_wanted = trio.Event()
+        self._over_warned = False  # "over the limit, nothing evictable" is logged once
+        self._sync_failed = ""  # the last sync error, logged once until a sync succeeds
+        self._busy_files: set[str] = set()  # data files verify is reading
         for d in (cache_dir, cache_dir / "data"):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.catalog = Catalog(cache_dir / "catalog.sqlite3", file_mode)
@@ -179,7 +208,8 @@ class Cache:
         if obj.fd is None and len(obj.present):
             self.ensure_open(obj)  # a new version's file is made by the first fetch, off this thread
         obj.opens += opening
-        obj.last_access = time.time()
+        if opening:  # a prefetch is not an access
+            obj.last_access = time.time()
         if info.from_head and obj.row.metadata != dict(info.metadata):
             obj.row.metadata, obj.row.mtime_ns = dict(info.metadata), info.mtime_ns
             self.catalog.set_metadata(obj.row.id, info.mtime_ns, obj.row.metadata)
@@ -197,7 +227,7 @@ class Cache:
                   metadata=base.metadata if base is not None else None,
                   file=data_name(self.origin, bucket, key, "local", os.urandom(8).hex()),
                   block_size=BLOCK_SIZE, dirty=True, last_access=time.time(),
-                  base_etag=base_etag)
+                  base_etag=base_etag, pinned=self._pinned(bucket, key, base))
         self.catalog.put(row)
         if old is not None:
             self._retire(old)
@@ -214,6 +244,7 @@ class Cache:
         """A complete cached version becomes the local one that writes change."""
         if not obj.row.dirty:
             obj.row.base_etag = obj.row.etag  # the version the change is based on
+            self._drop_sums(obj)  # its bytes will no longer be the ones summed
             obj.row.dirty = True
             obj.row_changed = True
             obj.unsynced = True
@@ -311,13 +342,19 @@ class Cache:
                   size=info.size, mtime_ns=info.mtime_ns,
                   metadata=dict(info.metadata) if info.from_head else None,
                   file=data_name(self.origin, bucket, key, info.etag), block_size=BLOCK_SIZE,
-                  last_access=time.time())
+                  last_access=time.time(), pinned=self._pinned(bucket, key, old))
         self.catalog.put(row)  # the row now names the new file; the old one is unreferenced
         if old is not None and old.file != row.file:
             log.info("s3://%s/%s changed (ETag %s -> %s): cached bytes dropped", bucket, key,
                      old.etag, info.etag)
             self._unlink(old.file)
         return CachedObject(row, self.dir / row.file)
+
+    def _pinned(self, bucket: str, key: str, old: Row | None) -> bool:
+        """A new version of a key keeps the old one's pin (or the key's, if it had no row)."""
+        if old is not None:
+            return old.pinned
+        return self.catalog.is_pinned(self.origin, bucket, key)
 
     def _retire(self, obj: CachedObject) -> None:
         obj.current = False
@@ -338,6 +375,22 @@ class Cache:
             obj.fd = fd
         return obj.fd
 
+    def ensure_sums(self, obj: CachedObject) -> int:
+        """The checksum sidecar's descriptor, for a worker thread to write block sums into."""
+        if obj.sums_fd is None:
+            obj.sums_fd = os.open(str(obj.path) + SUMS_SUFFIX,
+                                  os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.file_mode)
+        return obj.sums_fd
+
+    def _drop_sums(self, obj: CachedObject) -> None:
+        if obj.sums_fd is not None:
+            os.close(obj.sums_fd)
+            obj.sums_fd = None
+        try:
+            os.unlink(str(obj.path) + SUMS_SUFFIX)
+        except FileNotFoundError:
+            pass
+
     def opener(self, obj: CachedObject):
         """A function a worker thread may call to create the data file: it sees only a path."""
         path, size, mode = obj.path, obj.size, self.file_mode
@@ -354,12 +407,16 @@ class Cache:
         if obj.fd is not None:
             os.close(obj.fd)
             obj.fd = None
+        if obj.sums_fd is not None:
+            os.close(obj.sums_fd)
+            obj.sums_fd = None
 
     def _unlink(self, rel: str) -> None:
-        try:
-            os.unlink(self.dir / rel)
-        except FileNotFoundError:
-            pass
+        for name in (rel, rel + SUMS_SUFFIX):
+            try:
+                os.unlink(self.dir / name)
+            except FileNotFoundError:
+                pass
 
     def release(self, obj: CachedObject) -> None:
         obj.opens -= 1
@@ -376,8 +433,11 @@ class Cache:
         else:
             self._retired.discard(obj)
         self._close_file(obj)
+        if self._over_warned:  # over the limits with nothing to evict: now there may be
+            self._nudge()
 
     def pread(self, obj: CachedObject, off: int, size: int) -> bytes:
+        obj.last_access = time.time()  # recorded with the object's next catalog update
         return os.pread(self.ensure_open(obj), size, off)
 
     def advise_willneed(self, obj: CachedObject, off: int, size: int) -> None:
@@ -416,7 +476,7 @@ class Cache:
             o.row_changed = False
             o.syncing = True  # keep the descriptor open while the thread fsyncs it
         try:
-            fds = [o.fd for o in objs]
+            fds = [o.fd for o in objs] + [o.sums_fd for o in objs if o.sums_fd is not None]
             await trio.to_thread.run_sync(_fsync_all, fds, self._dir_fd)
             for o, r, c, v, a, whole in snaps:
                 if whole and o.current and not o.unlinked:
@@ -435,18 +495,239 @@ class Cache:
             for o in objs:
                 o.syncing = False
                 self.release_if_idle(o)
+        if self._excess() > 0:  # new blocks recorded: make room if they took too much
+            self._nudge()
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Background: periodic sync, and a sweep of data files no row names."""
+        """Background: periodic sync, the sweep of data files no row names, sizing an older
+        catalog, and keeping the cache within its limits."""
         task_status.started()
         async with trio.open_nursery() as n:
             n.start_soon(self._sweep)
+            n.start_soon(self._limits)
             while True:
                 await trio.sleep(SYNC_INTERVAL)
                 try:
                     await self.sync()
+                    self._sync_failed = ""
                 except (OSError, sqlite3.Error) as e:  # retried next round; the mount goes on
-                    log.error("syncing the cache failed: %s", e)
+                    if str(e) != self._sync_failed:  # once, not every second (a full disk)
+                        log.error("syncing the cache failed: %s", e)
+                    self._sync_failed = str(e)
+
+    # ------------------------------------------------------------ size limits
+    def disk_space(self) -> tuple[int, int]:
+        """(free, total) bytes of the cache's filesystem, as an unprivileged user sees them."""
+        st = os.statvfs(self._dir_fd)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+    def _excess(self, needed: int = 0) -> int:
+        """Bytes to evict so that ``needed`` more fit within both limits (<= 0: none)."""
+        free, total = self.disk_space()
+        excess = self._min_free(total) + needed - free
+        if self.max_size is not None and self.catalog.held_filled():
+            excess = max(excess, self.catalog.total_held() + needed - self.max_size)
+        return excess
+
+    def _min_free(self, fs_total: int) -> int:
+        """The free space eviction keeps: the setting, and never less than the reserve that
+        writes into the cache leave for the catalog (see check_reserve)."""
+        return max(self.min_free.of(fs_total), reserve_bytes(fs_total))
+
+    def _nudge(self) -> None:
+        self._limits_wanted.set()
+
+    async def _limits(self) -> None:
+        """Size an older catalog's rows, then keep the cache within its limits: when nudged
+        (blocks were recorded) and every LIMITS_INTERVAL (other programs fill disks too)."""
+        try:
+            last: int | None = 0
+            while not self.catalog.held_filled() and last is not None:
+                last = self.catalog.fill_held(last, FILL_BATCH)
+                await trio.sleep(0)
+        except sqlite3.Error as e:
+            log.error("sizing the cache failed: %s", e)
+        while True:
+            try:
+                await self.make_room()
+            except (OSError, sqlite3.Error) as e:
+                log.error("evicting from the cache failed: %s", e)
+            with trio.move_on_after(LIMITS_INTERVAL):
+                await self._limits_wanted.wait()
+            self._limits_wanted = trio.Event()
+
+    async def make_room(self, needed: int = 0) -> int:
+        """Evict until ``needed`` more bytes fit within the limits, or nothing more may go.
+        Returns the bytes evicted."""
+        excess = self._excess(needed)
+        if excess <= 0:
+            self._over_warned = False
+            return 0
+        freed = 0
+        for indexes in (False, True):  # index files only once nothing else is left
+            after = (float("-inf"), 0)
+            while freed < excess:
+                batch = self.catalog.evictable(after, EVICT_BATCH)
+                if not batch:
+                    break
+                after = (batch[-1].last_access, batch[-1].id)
+                for c in batch:
+                    if freed >= excess:
+                        break
+                    if is_index(c.key) == indexes and self._may_drop(c):
+                        self._drop(c)
+                        freed += c.held
+                await trio.sleep(0)
+        if freed:
+            log.info("cache: evicted %d bytes (least recently read first) to stay within its "
+                     "limits", freed)
+        if freed < excess and not self._over_warned:
+            self._over_warned = True
+            free, total = self.disk_space()
+            log.warning("cache: over its limits (holds %d bytes, max %s; %d bytes free on its "
+                        "disk, min %d) and nothing more can be evicted: the rest is dirty, "
+                        "pinned or in use", self.catalog.total_held(), self.max_size, free,
+                        self._min_free(total))
+        elif freed >= excess:
+            self._over_warned = False
+        return freed
+
+    def _may_drop(self, c: Candidate) -> bool:
+        """Not dirty, and not in use by this mount (open, fetching, syncing, unrecorded)."""
+        if c.dirty or c.file in self._busy_files:
+            return False
+        if c.origin == self.origin and (c.bucket, c.key) in self._objects:
+            return False
+        return not any(o.row.file == c.file for o in self._retired)
+
+    def _drop(self, c: Candidate) -> None:
+        """Forget the row's blocks, then delete its files (a crash in between leaves a file the
+        row claims nothing of). The row stays: listings and offline lookups still know it."""
+        self.catalog.drop_blocks(c.id)
+        self._unlink(c.file)
+
+    # ------------------------------------------------------------ maintenance
+    def usage(self) -> dict:
+        """What the cache holds (recorded blocks; the last second's fetches may be missing)."""
+        self._fill_now()
+        free, total = self.disk_space()
+        out = self.catalog.usage()
+        out.update(bytes=self.catalog.total_held(), max_size=self.max_size,
+                   min_free=self._min_free(total), disk_free=free, disk_total=total)
+        return out
+
+    def _fill_now(self) -> None:
+        last: int | None = 0
+        while not self.catalog.held_filled() and last is not None:
+            last = self.catalog.fill_held(last, 10 * FILL_BATCH)
+
+    def prune(self, older_than: float) -> dict:
+        """Drop the clean, unpinned objects not in use last accessed before ``older_than``
+        (epoch seconds), in every origin this cache directory holds."""
+        return self._drop_matching(older_than, include_pinned=False)
+
+    def clear(self, include_pinned: bool = False) -> dict:
+        """Drop every clean object not in use (and not pinned, unless ``include_pinned``)."""
+        return self._drop_matching(float("inf"), include_pinned)
+
+    def _drop_matching(self, before: float, include_pinned: bool) -> dict:
+        self._fill_now()
+        out = {"objects": 0, "bytes": 0, "kept_dirty": 0, "kept_pinned": 0, "kept_open": 0}
+        for c in self.catalog.holding(before):
+            if c.dirty:
+                out["kept_dirty"] += 1
+            elif c.pinned and not include_pinned:
+                out["kept_pinned"] += 1
+            elif not self._may_drop(c):
+                out["kept_open"] += 1
+            else:
+                self._drop(c)
+                out["objects"] += 1
+                out["bytes"] += c.held
+        return out
+
+    def set_pinned(self, bucket: str, key: str, pinned: bool) -> None:
+        """Pin (never evict, prune or clear without include_pinned) or unpin a key of this
+        cache's origin. The pin is kept by key: it applies to a row cached later, and to new
+        versions. Pinning does not fetch anything."""
+        self.catalog.set_pinned(self.origin, bucket, key, pinned)
+        obj = self._objects.get((bucket, key))
+        if obj is not None:
+            obj.row.pinned = pinned  # its next whole-row write must not undo the pin
+
+    async def verify(self, progress=None) -> dict:
+        """Re-check every cached object's bytes: each present block against its CRC32 (the
+        .crc sidecar), or, without sums, a complete single-part object against its MD5 ETag.
+        Bad blocks are dropped, so they are fetched again. Dirty objects are not touched.
+        ``progress(objects_done, bytes_done)`` is called after each object. Hashing runs in
+        worker threads."""
+        self._fill_now()
+        out: dict = {"objects": 0, "bytes": 0, "bad_blocks": 0, "bad_objects": [], "skipped": 0}
+        for c in self.catalog.holding():
+            if c.dirty:
+                continue
+            obj = self._objects.get((c.bucket, c.key)) if c.origin == self.origin else None
+            if obj is not None and obj.dirty:
+                continue
+            row = obj.row if obj is not None else self.catalog.get(c.origin, c.bucket, c.key)
+            if row is None or row.file != c.file:
+                continue
+            present = (obj.present if obj is not None else RangeSet.from_bytes(row.ranges)).copy()
+            md5 = (row.etag if is_md5_etag(row.etag) and present.covers(0, (row.size + BLOCK_SIZE - 1)
+                                                                         // BLOCK_SIZE) else None)
+            self._busy_files.add(row.file)
+            try:
+                bad, checked = await trio.to_thread.run_sync(
+                    _check_file, self.dir / row.file, row.size, list(present), md5)
+            except OSError as e:
+                log.warning("cache verify: cannot read the cached bytes of s3://%s/%s: %s",
+                            row.bucket, row.key, e)
+                bad, checked = None, 0
+            finally:
+                self._busy_files.discard(row.file)
+            if bad is None:
+                out["skipped"] += 1
+                continue
+            out["objects"] += 1
+            out["bytes"] += checked
+            if bad:
+                lost = self._drop_bad(c, row.file, bad)
+                if lost:
+                    out["bad_blocks"] += len(bad)
+                    out["bad_objects"].append({"bucket": c.bucket, "key": c.key,
+                                               "bad_bytes": lost})
+                    log.error("cache verify: s3://%s/%s: %d cached blocks were damaged: "
+                              "dropped, they will be fetched again", c.bucket, c.key, len(bad))
+            if progress is not None:
+                progress(out["objects"], out["bytes"])
+        return out
+
+    def _drop_bad(self, c: Candidate, file: str, bad: list[int]) -> int:
+        """Drop blocks ``bad`` of the object whose file is ``file``, if it is still that object
+        and still clean; returns the bytes dropped."""
+        obj = self._objects.get((c.bucket, c.key)) if c.origin == self.origin else None
+        if obj is not None and obj.row.file == file and not obj.dirty:
+            present = obj.present
+        elif obj is None:
+            row = self.catalog.get(c.origin, c.bucket, c.key)
+            if row is None or row.file != file or row.dirty:
+                return 0
+            present = RangeSet.from_bytes(row.ranges)
+        else:
+            return 0
+        size = obj.size if obj is not None else row.size
+        lost = 0
+        for b in bad:
+            if b in present:
+                present.discard(b, b + 1)
+                lost += min(BLOCK_SIZE, size - b * BLOCK_SIZE)
+        if obj is not None:
+            obj.row.verified = False
+            obj.unsynced = True
+            obj.wake()
+        else:
+            self.catalog.drop_blocks(row.id, present.to_bytes() if len(present) else None)
+        return lost
 
     async def _sweep(self) -> None:
         started = time.time()
@@ -520,10 +801,88 @@ def _sweep_files(cache_dir: Path, known: set[str], before: float) -> int:
             continue
         for f in sub.iterdir():
             rel = f"data/{sub.name}/{f.name}"
+            owner = rel[:-len(SUMS_SUFFIX)] if rel.endswith(SUMS_SUFFIX) else rel
             try:
-                if rel not in known and f.stat().st_mtime < before:
+                if owner not in known and f.stat().st_mtime < before:
                     f.unlink()
                     removed += 1
             except FileNotFoundError:
                 pass
     return removed
+
+
+def _check_file(path: Path, size: int, present: list[tuple[int, int]],
+                md5: str | None) -> tuple[list[int] | None, int]:
+    """In a worker thread: the present blocks of one data file whose bytes do not match their
+    CRC32 in the sidecar, and the bytes checked. Without sums, a complete single-part object is
+    checked against its MD5 (``md5``): all blocks are bad if it differs. (None, 0): nothing to
+    check it against."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            with open(str(path) + SUMS_SUFFIX, "rb") as f:
+                sums = f.read()
+        except FileNotFoundError:
+            sums = b""
+        bad: list[int] = []
+        checked = 0
+        for start, end in present:
+            b = start
+            while b < end:
+                n = min(end - b, 128)  # 8 MiB at a time
+                data = memoryview(os.pread(fd, n * BLOCK_SIZE, b * BLOCK_SIZE))
+                for i in range(n):
+                    blk = b + i
+                    want = sums[4 * blk:4 * blk + 4]
+                    stored = struct.unpack("<I", want)[0] if len(want) == 4 else 0
+                    if not stored:
+                        continue  # no sum for this block
+                    piece = data[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]
+                    checked += len(piece)
+                    if zlib.crc32(piece) != stored or len(piece) < min(BLOCK_SIZE,
+                                                                       size - blk * BLOCK_SIZE):
+                        bad.append(blk)
+                b += n
+        if checked or md5 is None:
+            return (bad, checked) if checked else (None, 0)
+        h = hashlib.md5(usedforsecurity=False)
+        pos = 0
+        while pos < size:
+            chunk = os.pread(fd, min(8 << 20, size - pos), pos)
+            if not chunk:
+                break
+            h.update(chunk)
+            pos += len(chunk)
+        nblocks = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        return ([] if h.hexdigest() == md5 else list(range(nblocks))), size
+    finally:
+        os.close(fd)
+
+
+def reserve_bytes(fs_total: int) -> int:
+    return min(64 << 20, max(4 << 20, fs_total // 100))
+
+
+def check_reserve(fd: int) -> None:
+    """Before writing into the cache (a worker thread between pieces of a download, or a write
+    through the mount): fail with ENOSPC when the cache's disk is nearly full, so that the
+    catalog can still record what is cached and dirty (SQLite needs room to commit). The
+    reserve is 1% of the disk, at least 4 MiB and at most 64 MiB; downloads running in
+    parallel may each write one more piece (1 MiB) into it."""
+    st = os.fstatvfs(fd)
+    if st.f_bavail * st.f_frsize < reserve_bytes(st.f_blocks * st.f_frsize):
+        raise OSError(errno.ENOSPC, "No space left on device (the rest is kept for the cache's "
+                                    "catalog)")
+
+
+def write_sums(fd: int, sums_fd: int, size: int, first: int, end: int) -> None:
+    """In the worker thread that wrote blocks [first, end) of a data file: store their CRC32s
+    in the sidecar, before the blocks are reported present. A sum of 0 is stored as 0 and
+    means "no sum" (one block in 2**32 goes unchecked)."""
+    while first < end:
+        n = min(end - first, 128)
+        data = memoryview(os.pread(fd, n * BLOCK_SIZE, first * BLOCK_SIZE))
+        sums = b"".join(struct.pack("<I", zlib.crc32(data[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]))
+                        for i in range(n))
+        os.pwrite(sums_fd, sums, 4 * first)
+        first += n

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sqlite3
+import struct
 import time
 from pathlib import Path
 
@@ -62,7 +63,26 @@ CREATE TABLE IF NOT EXISTS journal (
 );
 """
 # Columns added after schema 1, with their SQL type; added to an older catalog on open.
-_ADDED_COLUMNS = {"base_etag": "TEXT"}
+# ``held``: bytes of the object the cache holds (present blocks clipped to the size; all of a
+# dirty object), NULL until computed for rows of an older catalog (see fill_held).
+_ADDED_COLUMNS = {"base_etag": "TEXT", "held": "INTEGER"}
+# After the added columns exist: the running total of ``held`` (kept exact by triggers, in the
+# same transaction as every row change, so no scan is needed to know the cache's size), the
+# index eviction walks (only rows it may evict, oldest access first), and pinned keys.
+_SCHEMA_HELD = """
+CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL);
+INSERT OR IGNORE INTO totals VALUES (0, 0);
+CREATE TRIGGER IF NOT EXISTS held_insert AFTER INSERT ON objects BEGIN
+    UPDATE totals SET bytes = bytes + coalesce(NEW.held, 0); END;
+CREATE TRIGGER IF NOT EXISTS held_delete AFTER DELETE ON objects BEGIN
+    UPDATE totals SET bytes = bytes - coalesce(OLD.held, 0); END;
+CREATE TRIGGER IF NOT EXISTS held_update AFTER UPDATE OF held ON objects BEGIN
+    UPDATE totals SET bytes = bytes + coalesce(NEW.held, 0) - coalesce(OLD.held, 0); END;
+CREATE INDEX IF NOT EXISTS objects_evictable ON objects (last_access, id)
+    WHERE held > 0 AND dirty = 0 AND pinned = 0;
+CREATE TABLE IF NOT EXISTS pins (origin TEXT NOT NULL, bucket TEXT NOT NULL, key TEXT NOT NULL,
+                                 PRIMARY KEY (origin, bucket, key));
+"""
 EVENTS_KEPT = 1000  # the events table keeps this many newest rows
 
 
@@ -90,6 +110,37 @@ class Row:
 _COLS = [f.name for f in dataclasses.fields(Row)]
 
 
+def held_bytes(ranges: bytes | None, size: int, block_size: int, dirty: bool) -> int:
+    """Bytes a row's data file holds: its present blocks clipped to the object's size (a
+    dirty object: all of it, it exists only here)."""
+    if dirty:
+        return size
+    if not ranges:
+        return 0
+    flat = struct.unpack(f"<{len(ranges) // 8}Q", ranges)
+    nblocks = (size + block_size - 1) // block_size
+    blocks = sum(min(e, nblocks) - min(s, nblocks) for s, e in zip(flat[0::2], flat[1::2]))
+    held = blocks * block_size
+    if flat[-1] >= nblocks > 0:  # the last block is short
+        held -= nblocks * block_size - size
+    return max(held, 0)
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A row eviction, prune or clear may drop (see Catalog.candidates)."""
+
+    id: int
+    origin: str
+    bucket: str
+    key: str
+    file: str
+    held: int
+    last_access: float
+    dirty: bool
+    pinned: bool
+
+
 class Catalog:
     def __init__(self, path: Path, file_mode: int):
         new = not path.exists()
@@ -98,11 +149,15 @@ class Catalog:
             os.chmod(path, file_mode)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.create_function("held_bytes", 4, held_bytes, deterministic=True)
         self._db.executescript(_SCHEMA)
         have = {r[1] for r in self._db.execute("PRAGMA table_info(objects)")}
         for col, sql_type in _ADDED_COLUMNS.items():
             if col not in have:
                 self._db.execute(f"ALTER TABLE objects ADD COLUMN {col} {sql_type}")
+        if "held" not in have and self.is_empty():
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('held_filled', '1')")
+        self._db.executescript(_SCHEMA_HELD)
         row = self._db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -134,6 +189,7 @@ class Catalog:
         d = dataclasses.asdict(row)
         d.pop("id")
         d["metadata"] = json.dumps(d["metadata"]) if d["metadata"] is not None else None
+        d["held"] = held_bytes(row.ranges, row.size, row.block_size, row.dirty)
         cols = list(d)
         cur = self._db.execute(
             f"INSERT INTO objects ({','.join(cols)}) VALUES ({','.join('?' * len(cols))}) "
@@ -148,7 +204,8 @@ class Catalog:
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
-                "UPDATE objects SET ranges=?, complete=?, verified=?, last_access=? WHERE id=?",
+                "UPDATE objects SET ranges=?1, complete=?2, verified=?3, last_access=?4, "
+                "held=held_bytes(?1, size, block_size, dirty) WHERE id=?5",
                 [(r, int(c), int(v), a, i) for i, r, c, v, a in updates])
 
     def set_metadata(self, row_id: int, mtime_ns: int, metadata: dict) -> None:
@@ -192,6 +249,80 @@ class Catalog:
 
     def all_files(self) -> set[str]:
         return {f for (f,) in self._db.execute("SELECT file FROM objects")}
+
+    # ------------------------------------------------------------ size, eviction, pins
+    def total_held(self) -> int:
+        """Bytes the cache holds, from the running total (exact once ``held_filled``)."""
+        return self._db.execute("SELECT bytes FROM totals WHERE id=0").fetchone()[0]
+
+    def held_filled(self) -> bool:
+        r = self._db.execute("SELECT v FROM meta WHERE k='held_filled'").fetchone()
+        return r is not None and r[0] == "1"
+
+    def fill_held(self, after_id: int, limit: int) -> int | None:
+        """Compute ``held`` for up to ``limit`` rows of an older catalog with ids above
+        ``after_id``; returns the last id seen, or None once every row has it."""
+        rows = self._db.execute("SELECT id, held FROM objects WHERE id > ? ORDER BY id LIMIT ?",
+                                (after_id, limit)).fetchall()
+        if not rows:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('held_filled', '1')")
+            return None
+        ids = [(i,) for i, h in rows if h is None]
+        if ids:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("UPDATE objects SET held=held_bytes(ranges, size, block_size, "
+                                     "dirty) WHERE id=? AND held IS NULL", ids)
+        return rows[-1][0]
+
+    _CAND = "id, origin, bucket, key, file, held, last_access, dirty, pinned"
+
+    def evictable(self, after: tuple[float, int], limit: int) -> list[Candidate]:
+        """Clean, unpinned rows holding bytes, least recently accessed first, after the
+        (last_access, id) ``after``; walks the partial index objects_evictable."""
+        return [Candidate(*r) for r in self._db.execute(
+            f"SELECT {self._CAND} FROM objects INDEXED BY objects_evictable "
+            "WHERE held > 0 AND dirty = 0 AND pinned = 0 AND (last_access, id) > (?, ?) "
+            "ORDER BY last_access, id LIMIT ?", (*after, limit))]
+
+    def holding(self, accessed_before: float = float("inf")) -> list[Candidate]:
+        """Every row holding bytes (or dirty) last accessed before ``accessed_before``."""
+        return [Candidate(*r) for r in self._db.execute(
+            f"SELECT {self._CAND} FROM objects WHERE (held > 0 OR dirty = 1) AND last_access < ?",
+            (accessed_before,))]
+
+    def drop_blocks(self, row_id: int, ranges: bytes | None = None) -> None:
+        """The row keeps its name, ETag and metadata (listings, offline lookups) but holds only
+        ``ranges`` (None: nothing)."""
+        self._db.execute("UPDATE objects SET ranges=?1, complete=0, verified=0, "
+                         "held=held_bytes(?1, size, block_size, dirty) WHERE id=?2",
+                         (ranges, row_id))
+
+    def usage(self) -> dict[str, int]:
+        r = self._db.execute(
+            "SELECT count(*), coalesce(sum(dirty), 0), "
+            "coalesce(sum(CASE WHEN dirty THEN held END), 0), coalesce(sum(pinned), 0), "
+            "coalesce(sum(CASE WHEN pinned THEN held END), 0) "
+            "FROM objects WHERE held > 0 OR dirty = 1").fetchone()
+        return dict(zip(("objects", "dirty_objects", "dirty_bytes", "pinned_objects",
+                         "pinned_bytes"), r))
+
+    def is_pinned(self, origin: str, bucket: str, key: str) -> bool:
+        return self._db.execute("SELECT 1 FROM pins WHERE origin=? AND bucket=? AND key=?",
+                                (origin, bucket, key)).fetchone() is not None
+
+    def set_pinned(self, origin: str, bucket: str, key: str, pinned: bool) -> bool:
+        """Pin or unpin a key (its row now, and any version cached later); True if it has a row."""
+        with self._db:
+            self._db.execute("BEGIN")
+            if pinned:
+                self._db.execute("INSERT OR IGNORE INTO pins VALUES (?,?,?)", (origin, bucket, key))
+            else:
+                self._db.execute("DELETE FROM pins WHERE origin=? AND bucket=? AND key=?",
+                                 (origin, bucket, key))
+            cur = self._db.execute("UPDATE objects SET pinned=? WHERE origin=? AND bucket=? AND key=?",
+                                   (int(pinned), origin, bucket, key))
+        return cur.rowcount > 0
 
     def add_event(self, origin: str, bucket: str, key: str, kind: str, message: str,
                   when: float | None = None) -> None:

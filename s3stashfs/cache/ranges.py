@@ -58,6 +58,22 @@ class RangeSet:
         self._starts[lo:hi] = [start]
         self._ends[lo:hi] = [end]
 
+    def discard(self, start: int, end: int) -> None:
+        """Remove [start, end) from the set."""
+        if start >= end:
+            return
+        kept = []
+        for s, e in self:
+            if e <= start or s >= end:
+                kept.append((s, e))
+                continue
+            if s < start:
+                kept.append((s, start))
+            if e > end:
+                kept.append((end, e))
+        self._starts = [s for s, _ in kept]
+        self._ends = [e for _, e in kept]
+
     def missing(self, start: int, end: int) -> list[tuple[int, int]]:
         """The gaps of [start, end) that the set does not cover, in order."""
         gaps = []
