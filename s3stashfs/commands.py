@@ -95,11 +95,12 @@ def unmounted_cache(settings, cache_dir: Path):
     except MountError as e:
         raise CommandError(f"{e}, which does not answer on its control socket; try again") from None
     try:
+        import trio
         cache = Cache(cache_dir, settings.origin, settings.file_mode, **cache_limits(settings))
         try:
             yield cache
         finally:
-            cache.catalog.close()
+            trio.run(cache.close)
     finally:
         os.close(fd)
 

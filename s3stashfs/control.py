@@ -111,6 +111,8 @@ class ControlServer:
     async def dispatch(self, request: dict, send) -> dict:
         cmd = request.get("cmd")
         cache = self.m.cache
+        if cmd in ("status", "size", "prune", "clear", "verify"):
+            await cache.sync()  # record what was fetched this last second: figures are current
         if cmd == "status":
             return self.status()
         if cmd == "size":
