@@ -48,7 +48,7 @@ VISIBLE_TREE = {
     "x": (set(), {"inner"}),
 }
 
-CACHE_FILE_RE = re.compile(r"(catalog\.sqlite3.*|mount\.lock|data/([0-9a-f]{2})/\2[0-9a-f]{38})")
+CACHE_FILE_RE = re.compile(r"(catalog\.sqlite3.*|mount\.lock|control\.sock|data/([0-9a-f]{2})/\2[0-9a-f]{38}(\.crc)?)")
 
 
 def put_keys(s3, bucket: str, objects: dict[str, bytes]) -> None:
