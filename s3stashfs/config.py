@@ -20,6 +20,7 @@ from .errors import ConfigError
 PREFIX = "S3STASHFS_"
 ENV_FILE_VAR = "S3STASHFS_ENV"
 DEFAULT_METADATA_TTL = 5.0
+DEFAULT_TIMEOUT = 5.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 
@@ -50,6 +51,9 @@ class Settings:
                                    ".~lock.*#", "~$*")
     multipart_threshold_mb: int = 8  # files larger than this are uploaded in parts
     part_size_mb: int = 8  # grown as needed so that an object fits in 10,000 parts
+    # seconds a metadata request waits for S3's answer; the other waits scale with it
+    # (store.Timeouts): connecting 0.4x, between two reads of a download 2x, an upload 6x
+    timeout: float = DEFAULT_TIMEOUT
     # AWS_* lines of the env file, handed to boto3's credential chain; never logged.
     aws_env: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
 
@@ -100,6 +104,16 @@ def _parse_ttl(v: str) -> float:
     if not 0 <= ttl <= 86400:
         raise ValueError("must be between 0 and 86400 seconds")
     return ttl
+
+
+def _parse_timeout(v: str) -> float:
+    try:
+        t = float(v)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not 1 <= t <= 300:
+        raise ValueError("must be between 1 and 300 seconds")
+    return t
 
 
 def _parse_level(v: str) -> str:
@@ -170,6 +184,7 @@ _SPECS: dict[str, tuple[Callable[[str], Any], str]] = {
     "local_only": (_globs, "S3STASHFS_LOCAL_ONLY"),
     "multipart_threshold_mb": (_mib, "S3STASHFS_MULTIPART_THRESHOLD_MB"),
     "part_size_mb": (_mib, "S3STASHFS_PART_SIZE_MB"),
+    "timeout": (_parse_timeout, "S3STASHFS_TIMEOUT"),
 }
 _ENV_KEYS = {env for _, env in _SPECS.values()} | {ENV_FILE_VAR}
 

@@ -64,6 +64,8 @@ def test_unknown_setting_is_named(tmp_path):
     ("S3STASHFS_ENDPOINT_URL", "localhost:9000", "http:// or https:// URL"),
     ("S3STASHFS_BUCKET", "Bad Bucket!", "not a valid bucket name"),
     ("S3STASHFS_LOG_LEVEL", "LOUD", "one of DEBUG"),
+    ("S3STASHFS_TIMEOUT", "0.5", "between 1 and 300"),
+    ("S3STASHFS_TIMEOUT", "never", "number of seconds"),
 ])
 def test_bad_values_name_key_and_problem(tmp_path, key, value, message):
     with pytest.raises(ConfigError) as e:
