@@ -529,8 +529,8 @@ class Store:
             return True
 
     async def list_buckets(self) -> list[str]:
-        r = await self._run("ListBuckets", self._meta, lambda: self._call("ListBuckets", "list_buckets"),
-                            abandon=True)
+        r = await self._run("ListBuckets", self._meta,
+                            lambda: self._call("ListBuckets", "list_buckets"), abandon=True)
         return [b["Name"] for b in r.get("Buckets", [])]
 
     async def list_page(self, bucket: str, prefix: str, token: str | None = None,
@@ -697,8 +697,9 @@ class Store:
         def call():
             data = _pread_all(fd, start, length)
             md5 = hashlib.md5(data, usedforsecurity=False)
-            rr = self._call(what, "upload_part", kind="write", Bucket=bucket, Key=key, UploadId=upload_id,
-                            PartNumber=n, Body=data, ContentMD5=base64.b64encode(md5.digest()).decode())
+            rr = self._call(what, "upload_part", kind="write", Bucket=bucket, Key=key,
+                            UploadId=upload_id, PartNumber=n, Body=data,
+                            ContentMD5=base64.b64encode(md5.digest()).decode())
             etag = strip_etag(rr.get("ETag", ""))
             if etag != md5.hexdigest():
                 raise ChecksumMismatch(f"{what}: S3 stored MD5 {etag}")

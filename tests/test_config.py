@@ -78,3 +78,14 @@ def test_aws_lines_go_to_boto3_and_not_to_repr(tmp_path):
     s = load(tmp_path, file_text="AWS_SECRET_ACCESS_KEY=sekrit-value\n")
     assert ("AWS_SECRET_ACCESS_KEY", "sekrit-value") in s.aws_env
     assert "sekrit-value" not in repr(s)
+
+
+def test_timeout_flag_reaches_the_settings(tmp_path, monkeypatch):
+    from s3stashfs import cli
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("S3STASHFS_TIMEOUT", raising=False)
+    args = cli.build_parser().parse_args(["mount", str(tmp_path), "--timeout", "12.5"])
+    s = cli._settings(args)
+    assert s.timeout == 12.5
+    assert cli._settings_env(s)["S3STASHFS_TIMEOUT"] == "12.5"  # handed on to the daemon
+    assert load(tmp_path).timeout == config.DEFAULT_TIMEOUT == 5.0
