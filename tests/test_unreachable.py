@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 
 import pytest
@@ -103,6 +104,36 @@ def test_a_download_that_stalls_midway_fails_within_the_data_timeout(mount, s3, 
     s3_proxy.set_mode("pass")
     helpers.wait_for(lambda: helpers.read_or_none(m.path / "big.bin") == big.data,
                      timeout=30, message="the whole object to read once back online")
+
+
+def test_a_read_waiting_on_a_hung_download_stops_when_the_mount_goes_offline(mount, s3, bucket,
+                                                                             s3_proxy):
+    """A read waits for a GET (data timeout, 10 s); meanwhile a lookup (metadata timeout, 5 s)
+    finds S3 not answering: the read fails then, without waiting out its own timeout."""
+    big = helpers.put_random_object(s3, bucket, "big.bin", 8 * MiB)
+    m = mount(bucket=bucket, endpoint_url=s3_proxy.url, extra_args=["--metadata-ttl", "0"])
+    with open(m.path / "big.bin", "rb", buffering=0) as f:
+        s3_proxy.set_mode("blackhole")
+        result: list = []
+
+        def read():
+            t = time.monotonic()
+            try:
+                os.pread(f.fileno(), 4096, 4 * MiB)
+                result.append(("read", time.monotonic() - t))
+            except OSError as e:
+                result.append((e.errno, time.monotonic() - t))
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            assert fails_enetunreach(lambda: os.stat(m.path / "unknown")) < META_TIMEOUT + 2
+        finally:
+            reader.join(DATA_TIMEOUT + 5)
+    assert result and result[0][0] == errno.ENETUNREACH, result
+    assert result[0][1] < META_TIMEOUT + 2, f"the read waited {result[0][1]:.1f} s"
+    s3_proxy.set_mode("pass")
+    helpers.wait_for(lambda: helpers.read_or_none(m.path / "big.bin") == big.data,
+                     timeout=30, message="the mount to come back online")
 
 
 @pytest.mark.expect_log(r"SlowDown|: 503$")  # a HEAD answer has no body to name it
