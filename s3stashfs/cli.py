@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--metadata-ttl", metavar="S",
                    help="seconds a listing or lookup is trusted (default 5; 0 = always ask S3) "
                         "[S3STASHFS_METADATA_TTL]")
+    m.add_argument("--timeout", metavar="S",
+                   help="seconds to wait for S3 to answer a metadata request before the mount "
+                        "goes offline (default 5; connecting waits 0.4x, a stalled download 2x, "
+                        "an upload 6x this) [S3STASHFS_TIMEOUT]")
     m.add_argument("--log-file", metavar="F",
                    help="log file (default: stderr in the foreground, "
                         "$XDG_STATE_HOME/s3stashfs/s3stashfs.log otherwise) [S3STASHFS_LOG_FILE]")
@@ -173,7 +177,7 @@ def _settings(args):
     from . import config
     flags = {k: getattr(args, k, None) for k in (
         "endpoint_url", "region", "profile", "bucket", "cache_dir", "metadata_ttl", "log_file",
-        "read_only", "allow_other", "xattrs", "foreground", "debug", "offline_writes",
+        "timeout", "read_only", "allow_other", "xattrs", "foreground", "debug", "offline_writes",
         "cache_max_size", "cache_min_free")}
     return config.load(flags)
 
@@ -270,6 +274,7 @@ def _settings_env(settings) -> dict[str, str]:
            "S3STASHFS_ADDRESSING_STYLE": settings.addressing_style,
            "S3STASHFS_MULTIPART_THRESHOLD_MB": str(settings.multipart_threshold_mb),
            "S3STASHFS_PART_SIZE_MB": str(settings.part_size_mb),
+           "S3STASHFS_TIMEOUT": repr(settings.timeout),
            "S3STASHFS_OFFLINE_WRITES": settings.offline_writes,
            "S3STASHFS_LOCAL_ONLY": ",".join(settings.local_only),
            "S3STASHFS_CACHE_MAX_SIZE": str(settings.cache_max_size or "none"),

@@ -1,8 +1,10 @@
 """Online / offline: noticed from the calls that fail, left by a probe that succeeds.
 
-A call that finds S3 unreachable (after the store's two quick retries) switches the mount to
-offline. While offline, calls fail at once with Unreachable instead of waiting on a dead
-network, and a background probe asks S3 again, with a growing interval, until it answers.
+A call that finds S3 unreachable (refused, reset or unresolvable after the store's two quick
+retries; or not answering within its timeout) switches the mount to offline. Calls still waiting
+on S3 at that moment stop waiting (``waiting`` scopes, ``on_offline`` callbacks); while offline,
+calls fail at once with Unreachable instead of waiting on a dead network, and a background probe
+asks S3 again, with a growing interval, until it answers.
 """
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ class Connectivity:
         self.since = time.time()
         self._changed = trio.Event()
         self.on_online: list = []  # called (no arguments) when S3 answers again
+        self.on_offline: list = []  # called (no arguments) when the mount goes offline
+        # cancelled when the mount goes offline: calls that only wait for S3's answer, which
+        # another call has just found will not come (see Store._run)
+        self.waiting: set[trio.CancelScope] = set()
 
     def unreachable(self, why: str) -> None:
         if self.online:
@@ -30,6 +36,10 @@ class Connectivity:
             self.since = time.time()
             log.warning("S3 is unreachable (%s): offline, serving what is cached", why)
             self._changed.set()
+            for cs in self.waiting:
+                cs.cancel()
+            for fn in self.on_offline:
+                fn()
 
     def reachable(self) -> None:
         if not self.online:

@@ -54,6 +54,12 @@ class Unreachable(S3StashError):
 
     errno = errno.ENETUNREACH
 
+    def __init__(self, message: str = "", *, retry: bool = True):
+        super().__init__(message)
+        # False for a timeout or a DNS failure: the wait has been spent (or the resolver has
+        # retried) already, so the store goes offline at once instead of trying again
+        self.retry = retry
+
 
 class Denied(S3StashError):
     errno = errno.EACCES

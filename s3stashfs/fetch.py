@@ -6,6 +6,8 @@ blocks: a random read fetches just the blocks it touches; a sequential reader ge
 window that doubles with each sequential read, up to MAX_WINDOW, fetched as parallel ranged GETs
 of at most CHUNK bytes that stream into the data file and wake readers as each piece lands.
 Concurrent readers of one block share one GET: a block is fetched by at most one Fetch at a time.
+When the mount goes offline, readers stop waiting for fetches still under way (they fail with
+Unreachable at once); those fetches end by their own timeout, and what they did bring is kept.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import trio
 
 from .cache import (BLOCK_SIZE, INDEX_SUFFIXES, SUMS_SUFFIX, Cache, CachedObject, Fetch,  # noqa: F401
                     check_reserve, is_index, write_sums)
-from .errors import Changed, NoSpace, S3StashError
+from .errors import Changed, NoSpace, S3StashError, Unreachable
 from .store import Store, is_md5_etag
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,13 @@ class Fetcher:
         self.store = store
         self.cache = cache
         self.nursery: trio.Nursery | None = None  # set by the mount: fetches outlive requests
+        self._busy: set[CachedObject] = set()  # objects with fetches under way
+        store.connectivity.on_offline.append(self._wake_all)
+
+    def _wake_all(self) -> None:
+        """Gone offline: readers waiting on a fetch give up now (see ``_wait``)."""
+        for obj in list(self._busy):
+            obj.wake()
 
     def prefetch(self, obj: CachedObject) -> None:
         """At open: a small object is wanted whole, so start its GET now, while the kernel
@@ -168,6 +177,7 @@ class Fetcher:
             f = Fetch(s, e)
             for blk in range(s, e):
                 obj.inflight[blk] = f
+            self._busy.add(obj)
             self.nursery.start_soon(self._run, obj, f, whole)
             out.append(f)
         return out
@@ -204,6 +214,8 @@ class Fetcher:
             for blk in range(f.start, f.end):
                 if obj.inflight.get(blk) is f:
                     del obj.inflight[blk]
+            if not obj.inflight:
+                self._busy.discard(obj)
             obj.wake()
             if (obj.complete and not obj.row.verified and is_md5_etag(obj.etag) and not obj.dirty
                     and not obj.verifying and self.nursery is not None):
@@ -286,6 +298,8 @@ class Fetcher:
             failed = [f for f in fetches if f.done and f.error is not None]
             if failed:
                 raise _fresh_copy(failed[0].error)
+            if not self.store.connectivity.online:
+                raise Unreachable(f"s3://{obj.bucket}/{obj.key}: S3 is unreachable")
             if all(f.done for f in fetches):
                 if retried:
                     raise Changed(f"s3://{obj.bucket}/{obj.key}: blocks missing after fetch")

@@ -16,11 +16,13 @@ import base64
 import dataclasses
 import datetime
 import email.utils
+import errno
 import hashlib
 import logging
 import os
 import random
 import re
+import socket
 import time
 import urllib.parse
 import zlib
@@ -50,8 +52,41 @@ _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _CHANGED = {"412", "PreconditionFailed"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
            "ExpiredToken", "InvalidToken"}
-_RETRY = {"500", "502", "503", "504", "SlowDown", "InternalError", "ServiceUnavailable",
-          "RequestTimeout", "Throttling", "ThrottlingException"}
+_RETRY = {"429", "500", "502", "503", "504", "SlowDown", "InternalError", "ServiceUnavailable",
+          "RequestTimeout", "Throttling", "ThrottlingException", "ThrottledException",
+          "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded",
+          "BandwidthLimitExceeded", "RequestThrottled"}
+# a plain OSError (not a ConnectionError) that still means "no way to S3"
+_NET_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeouts:
+    """How long each kind of call waits for S3, in seconds. A read timeout bounds each wait for
+    the socket (between two pieces of an answer), not a whole transfer. All scale with the
+    ``timeout`` setting (the metadata one, 5 s by default).
+
+    - connect (2 s): loopback, a LAN and the Internet connect in well under a second; 2 s still
+      rides out one lost SYN (retransmitted after 1 s).
+    - meta (5 s): HEAD, LIST, ListBuckets, the probe, DELETE, starting or aborting a multipart
+      upload. S3 answers these in tens of milliseconds; none in 5 s is a hung server or a dead
+      link, and the mount should be offline by then.
+    - data (10 s): between two reads of a GET's body. A slow link still delivers something
+      every few milliseconds, and TCP's retransmissions back off 0.2, 0.4, 0.8... s, so 10 s
+      rides out about five losses in a row; a stalled download fails instead of hanging.
+    - write (30 s): PUTs, parts, completing a multipart upload, server-side copies. S3 may think
+      a while after the last byte of a big part, or while it copies; a false failure costs a
+      whole upload again, and nobody but close() and fsync() waits for these.
+    """
+
+    connect: float = 2.0
+    meta: float = 5.0
+    data: float = 10.0
+    write: float = 30.0
+
+    @classmethod
+    def scaled(cls, meta: float) -> "Timeouts":
+        return cls(connect=0.4 * meta, meta=meta, data=2 * meta, write=6 * meta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +187,31 @@ def _conditional(what: str, base: str | None, e: S3StashError) -> S3StashError:
                         f"({'ETag ' + base if base else 'a new file'}): {e}")
     return e
 
+def _unreachable(e: BaseException, what: str) -> Unreachable | None:
+    """``e`` as Unreachable when it says S3 cannot be reached (refused, reset, closed mid-answer,
+    DNS failure, connect or read timeout), else None. Timeouts and DNS failures are not retried:
+    their wait is spent already, or the resolver has retried."""
+    msg = f"{what}: {type(e).__name__}: {e}"
+    # before the timeouts: urllib3's NewConnectionError (refused, no route, and
+    # NameResolutionError) subclasses its ConnectTimeoutError, yet comes at once
+    if isinstance(e, urllib3.exceptions.NameResolutionError) or isinstance(e, socket.gaierror):
+        return Unreachable(msg, retry=False)
+    if isinstance(e, bexc.EndpointConnectionError):  # botocore's NewConnectionError / gaierror
+        dns = isinstance(getattr(e, "kwargs", {}).get("error"),
+                         (urllib3.exceptions.NameResolutionError, socket.gaierror))
+        return Unreachable(msg, retry=not dns)
+    if isinstance(e, urllib3.exceptions.NewConnectionError):
+        return Unreachable(msg)
+    if isinstance(e, (bexc.ConnectTimeoutError, bexc.ReadTimeoutError,
+                      urllib3.exceptions.TimeoutError, TimeoutError)):
+        return Unreachable(msg, retry=False)
+    if isinstance(e, (bexc.ConnectionError, bexc.HTTPClientError, bexc.ResponseStreamingError,
+                      urllib3.exceptions.HTTPError, ConnectionError)):
+        return Unreachable(msg)
+    if isinstance(e, OSError) and e.errno in _NET_ERRNOS:
+        return Unreachable(msg)
+    return None
+
 
 def _classify(e: BaseException, what: str) -> S3StashError:
     """Turn a boto3/botocore/socket exception into a domain error."""
@@ -173,9 +233,9 @@ def _classify(e: BaseException, what: str) -> S3StashError:
         return Denied(f"{what}: no AWS credentials found")
     if isinstance(e, bexc.FlexibleChecksumError):
         return ChecksumMismatch(f"{what}: {e}")
-    if isinstance(e, (bexc.ConnectionError, bexc.HTTPClientError, bexc.ResponseStreamingError,
-                      urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)):
-        return Unreachable(f"{what}: {type(e).__name__}: {e}")
+    net = _unreachable(e, what)
+    if net is not None:
+        return net
     if isinstance(e, bexc.BotoCoreError):
         return StoreError(f"{what}: {e}")
     if isinstance(e, OSError):  # writing the cache file failed (ENOSPC, EIO): not S3's fault
@@ -196,7 +256,7 @@ class _Direct:
     class Fallback(Exception):
         pass
 
-    def __init__(self, client, session, style: str, timeouts: tuple[float, float], pool_size: int):
+    def __init__(self, client, session, style: str, timeouts: Timeouts, pool_size: int):
         from urllib.request import getproxies, proxy_bypass
         self._session = session
         url = urllib.parse.urlsplit(client.meta.endpoint_url)
@@ -204,10 +264,12 @@ class _Direct:
         self._region = client.meta.region_name or "us-east-1"
         self._path_style = style == "path"
         self._slow_buckets: set[str] = set()
+        self._timeouts = {"GET": urllib3.Timeout(connect=timeouts.connect, read=timeouts.data),
+                          "HEAD": urllib3.Timeout(connect=timeouts.connect, read=timeouts.meta)}
         self.enabled = not (getproxies() and not proxy_bypass(url.hostname or ""))
         self._pool = urllib3.PoolManager(
             num_pools=4, maxsize=pool_size, retries=False, block=False,
-            timeout=urllib3.Timeout(connect=timeouts[0], read=timeouts[1]),
+            timeout=self._timeouts["HEAD"],
             ca_certs=botocore.httpsession.get_cert_path(True))
 
     def _url(self, bucket: str, key: str) -> str | None:
@@ -228,7 +290,8 @@ class _Direct:
         req = AWSRequest(method=method, url=url, headers={**headers, "User-Agent": _USER_AGENT})
         S3SigV4Auth(creds.get_frozen_credentials(), "s3", self._region).add_auth(req)
         r = self._pool.request(method, url, headers=dict(req.headers.items()),
-                               preload_content=False, decode_content=False, redirect=False)
+                               preload_content=False, decode_content=False, redirect=False,
+                               timeout=self._timeouts[method])
         if r.status in (301, 302, 307, 400):  # another region, or something botocore handles
             r.drain_conn()
             r.release_conn()
@@ -312,20 +375,22 @@ class _Crc32:
 
 
 class Store:
-    """One boto3 client shared by all worker threads (clients are thread-safe), and a direct
-    path for GET and HEAD of keys (see ``_Direct``)."""
+    """boto3 clients shared by all worker threads (clients are thread-safe), one for each kind
+    of call because a client has one read timeout (see ``Timeouts``): ``meta``, ``data`` (GETs
+    that the direct path leaves to botocore) and ``write``; and a direct path for GET and HEAD
+    of keys (see ``_Direct``)."""
 
-    def __init__(self, settings, data_threads: int = 12, meta_threads: int = 8,
-                 connect_timeout: float = 3.0, read_timeout: float = 20.0):
+    def __init__(self, settings, data_threads: int = 12, meta_threads: int = 8):
         for k, v in settings.aws_env:
             os.environ.setdefault(k, v)
         style = settings.addressing_style
         if style == "auto" and settings.endpoint_url:
             style = "path"
+        self.timeouts = Timeouts.scaled(settings.timeout)
         config = Config(
             retries={"total_max_attempts": 1},  # we retry ourselves, with jitter, in _run
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
+            connect_timeout=self.timeouts.connect,
+            read_timeout=self.timeouts.meta,
             max_pool_connections=data_threads + meta_threads + 2,
             s3={"addressing_style": style},
             request_checksum_calculation="when_required",
@@ -340,35 +405,67 @@ class Store:
         # CPU of listing a large directory. S3 sends ISO 8601 there; parse that directly.
         session._session.get_component("response_parser_factory").set_parser_defaults(
             timestamp_parser=_parse_timestamp)
-        self._client = session.client("s3", endpoint_url=settings.endpoint_url, config=config)
-        self._direct = _Direct(self._client, session, style, (connect_timeout, read_timeout),
+        self._clients = {kind: session.client(
+            "s3", endpoint_url=settings.endpoint_url,
+            config=config.merge(Config(read_timeout=getattr(self.timeouts, kind))))
+            for kind in ("meta", "data", "write")}
+        self._direct = _Direct(self._clients["meta"], session, style, self.timeouts,
                                data_threads + meta_threads + 2)
         self.connectivity = Connectivity()
         self._data = trio.CapacityLimiter(data_threads)
         self._meta = trio.CapacityLimiter(meta_threads)
 
     # ---------------------------------------------------------------- retries
-    async def _run(self, what: str, limiter, fn, *args, attempts: int = 5, probe: bool = False):
-        """Run ``fn`` in a worker thread; retry throttling with backoff and full jitter, and
-        an unreachable endpoint twice, quickly (being offline must be noticed fast). While the
-        mount is offline, fail at once: only the connectivity probe asks S3."""
+    async def _run(self, what: str, limiter, fn, *args, attempts: int = 5, probe: bool = False,
+                   abandon: bool = False):
+        """Run ``fn`` in a worker thread; retry throttling with backoff and full jitter.
+
+        Unreachable: refused or reset connections are retried twice, quickly; a timeout or a
+        DNS failure is not (``retry`` False: its wait is spent); then the mount goes offline.
+        A call that finds the mount gone offline meanwhile gives up without retrying, and with
+        ``abandon`` (calls that only read S3 and touch no local state: HEAD, LIST) stops
+        waiting for its thread at once. While the mount is offline, fail at once: only the
+        connectivity probe asks S3."""
         if not self.connectivity.online and not probe:
-            raise Unreachable(f"{what}: S3 is unreachable (offline since "
-                              f"{time.strftime('%H:%M:%S', time.localtime(self.connectivity.since))})")
+            raise self._offline(what)
         delay = 0.1
         for attempt in range(attempts):
             try:
+                if abandon and not probe:
+                    return await self._until_offline(what, limiter, fn, args)
                 return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
             except (Throttled, Unreachable) as e:
-                last = attempt == attempts - 1 or (isinstance(e, Unreachable) and attempt >= 2)
-                if last:
-                    if isinstance(e, Unreachable) and not probe:
+                if isinstance(e, Unreachable) and not probe:
+                    if not self.connectivity.online:
+                        raise  # another call found S3 unreachable: no more waiting
+                    if not e.retry or attempt >= 2:
                         self.connectivity.unreachable(str(e))
+                        raise
+                if attempt == attempts - 1:
                     raise
                 log.debug("%s: %s; retrying", what, e)
                 await trio.sleep(random.uniform(0, delay))
                 delay = min(delay * 3, 5.0)
+                if not self.connectivity.online and not probe:
+                    raise self._offline(what) from e
         raise AssertionError("unreachable")
+
+    def _offline(self, what: str) -> Unreachable:
+        since = time.strftime("%H:%M:%S", time.localtime(self.connectivity.since))
+        return Unreachable(f"{what}: S3 is unreachable (offline since {since})")
+
+    async def _until_offline(self, what: str, limiter, fn, args):
+        """``fn`` in a worker thread, abandoned once the mount goes offline (the thread then
+        ends by its own timeout; its result is dropped, and it touches nothing of ours)."""
+        cs = trio.CancelScope()
+        self.connectivity.waiting.add(cs)
+        try:
+            with cs:
+                return await trio.to_thread.run_sync(fn, *args, limiter=limiter,
+                                                     abandon_on_cancel=True)
+        finally:
+            self.connectivity.waiting.discard(cs)
+        raise self._offline(what)
 
     def _object_call(self, what: str, method: str, bucket: str, key: str,
                      headers: dict[str, str], **kwargs) -> dict:
@@ -381,7 +478,8 @@ class Store:
         except Exception as e:  # noqa: BLE001 - classified, never swallowed
             raise _classify(e, what) from e
         if r is None:
-            return self._call(what, method, Bucket=bucket, Key=key, **kwargs)
+            kind = "data" if method == "get_object" else "meta"
+            return self._call(what, method, kind=kind, Bucket=bucket, Key=key, **kwargs)
         if method == "head_object":
             try:
                 return _direct_result(r, what)
@@ -389,9 +487,11 @@ class Store:
                 r.release_conn()
         return _direct_result(r, what)
 
-    def _call(self, what: str, method: str, **kwargs):
+    def _call(self, what: str, method: str, kind: str = "meta", **kwargs):
+        """One botocore call on the client of its ``kind`` ("meta", "data", "write"; see
+        ``Timeouts``)."""
         try:
-            return getattr(self._client, method)(**kwargs)
+            return getattr(self._clients[kind], method)(**kwargs)
         except Exception as e:  # noqa: BLE001 - classified, never swallowed
             raise _classify(e, what) from e
 
@@ -413,7 +513,7 @@ class Store:
                 return self._info_from_head(self._object_call(what, "head_object", bucket, key, {}))
             except NotFound:
                 return None
-        return await self._run(what, self._meta, call)
+        return await self._run(what, self._meta, call, abandon=True)
 
     async def head_bucket(self, bucket: str) -> bool:
         what = f"HEAD bucket {bucket}"
@@ -424,7 +524,7 @@ class Store:
                 return True
             except NotFound:
                 return False
-        return await self._run(what, self._meta, call)
+        return await self._run(what, self._meta, call, abandon=True)
 
     async def probe(self, bucket: str | None) -> bool:
         """Does S3 answer? (One request, no retries: the connectivity probe.)"""
@@ -445,7 +545,8 @@ class Store:
             return True
 
     async def list_buckets(self) -> list[str]:
-        r = await self._run("ListBuckets", self._meta, lambda: self._call("ListBuckets", "list_buckets"))
+        r = await self._run("ListBuckets", self._meta,
+                            lambda: self._call("ListBuckets", "list_buckets"), abandon=True)
         return [b["Name"] for b in r.get("Buckets", [])]
 
     async def list_page(self, bucket: str, prefix: str, token: str | None = None,
@@ -467,7 +568,7 @@ class Store:
             prefixes = [p["Prefix"] for p in r.get("CommonPrefixes", [])]
             nxt = r.get("NextContinuationToken") if r.get("IsTruncated") else None
             return ListPage(prefixes, objs, keys, nxt)
-        return await self._run(what, self._meta, call)
+        return await self._run(what, self._meta, call, abandon=True)
 
     # ---------------------------------------------------------------- data
     async def fetch_range(self, bucket: str, key: str, etag: str, start: int, end: int, fd: int,
@@ -549,9 +650,10 @@ class Store:
         except S3StashError:
             raise
         except OSError as e:
-            if isinstance(e, (ConnectionError, TimeoutError)):
-                raise Unreachable(f"{what}: {e}") from e
-            raise
+            net = _unreachable(e, what)
+            if net is not None:
+                raise net from e
+            raise  # writing the cache file failed (ENOSPC, EIO): not S3's fault
         except Exception as e:  # noqa: BLE001
             raise _classify(e, what) from e
         finally:
@@ -573,7 +675,7 @@ class Store:
             data = _pread_all(fd, 0, size)
             md5 = hashlib.md5(data, usedforsecurity=False)
             try:
-                r = self._call(what, "put_object", Bucket=bucket, Key=key, Body=data,
+                r = self._call(what, "put_object", kind="write", Bucket=bucket, Key=key, Body=data,
                                Metadata=metadata, ContentMD5=base64.b64encode(md5.digest()).decode(),
                                **_conditions(base))
             except S3StashError as e:
@@ -617,8 +719,9 @@ class Store:
         def call():
             data = _pread_all(fd, start, length)
             md5 = hashlib.md5(data, usedforsecurity=False)
-            rr = self._call(what, "upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
-                            PartNumber=n, Body=data, ContentMD5=base64.b64encode(md5.digest()).decode())
+            rr = self._call(what, "upload_part", kind="write", Bucket=bucket, Key=key,
+                            UploadId=upload_id, PartNumber=n, Body=data,
+                            ContentMD5=base64.b64encode(md5.digest()).decode())
             etag = strip_etag(rr.get("ETag", ""))
             if etag != md5.hexdigest():
                 raise ChecksumMismatch(f"{what}: S3 stored MD5 {etag}")
@@ -642,7 +745,8 @@ class Store:
 
         def call():
             try:
-                return self._call(what, "complete_multipart_upload", Bucket=bucket, Key=key,
+                return self._call(what, "complete_multipart_upload", kind="write",
+                                  Bucket=bucket, Key=key,
                                   UploadId=upload_id, MultipartUpload={"Parts": listed},
                                   **_conditions(base))
             except S3StashError as e:
@@ -661,7 +765,8 @@ class Store:
         still version ``etag``; the content is not uploaded again. Returns the new ETag."""
         what = f"COPY s3://{bucket}/{key} (metadata)"
         r = await self._run(what, self._meta, lambda: self._call(
-            what, "copy_object", Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": key},
+            what, "copy_object", kind="write", Bucket=bucket, Key=key,
+            CopySource={"Bucket": bucket, "Key": key},
             CopySourceIfMatch=f'"{etag}"', MetadataDirective="REPLACE", Metadata=metadata))
         return strip_etag(r.get("CopyObjectResult", {}).get("ETag", ""))
 
@@ -673,7 +778,7 @@ class Store:
         source = {"Bucket": bucket, "Key": src}
         if size <= COPY_MAX:
             r = await self._run(what, self._meta, lambda: self._call(
-                what, "copy_object", Bucket=bucket, Key=dst, CopySource=source,
+                what, "copy_object", kind="write", Bucket=bucket, Key=dst, CopySource=source,
                 CopySourceIfMatch=f'"{etag}"', MetadataDirective="COPY"))
             return strip_etag(r.get("CopyObjectResult", {}).get("ETag", ""))
         head = await self._run(what, self._meta, lambda: self._call(
@@ -688,14 +793,15 @@ class Store:
         async def part(i: int, start: int) -> None:
             end = min(start + part_size, size) - 1
             rr = await self._run(what, self._data, lambda: self._call(
-                what, "upload_part_copy", Bucket=bucket, Key=dst, UploadId=upload_id,
+                what, "upload_part_copy", kind="write", Bucket=bucket, Key=dst, UploadId=upload_id,
                 PartNumber=i + 1, CopySource=source, CopySourceIfMatch=f'"{etag}"',
                 CopySourceRange=f"bytes={start}-{end}"))
             etags[i] = rr["CopyPartResult"]["ETag"]
         try:
             await run_all(part, starts)
             r = await self._run(what, self._meta, lambda: self._call(
-                what, "complete_multipart_upload", Bucket=bucket, Key=dst, UploadId=upload_id,
+                what, "complete_multipart_upload", kind="write", Bucket=bucket, Key=dst,
+                UploadId=upload_id,
                 MultipartUpload={"Parts": [{"ETag": e, "PartNumber": i + 1}
                                            for i, e in enumerate(etags)]}))
         except BaseException:
@@ -712,7 +818,7 @@ class Store:
             if token:
                 kwargs["ContinuationToken"] = token
             r = await self._run(what, self._meta, lambda kw=kwargs: self._call(
-                what, "list_objects_v2", **kw))
+                what, "list_objects_v2", **kw), abandon=True)
             for o in r.get("Contents", []):
                 out.append((o["Key"], ObjectInfo(etag=strip_etag(o.get("ETag", "")),
                                                  size=int(o.get("Size", 0)), last_modified_ns=0,

@@ -7,9 +7,13 @@ Modes:
 - ``blackhole``: new connections are accepted and never answered; open ones stop forwarding
   (the peer sees a hung server: connected, silent).
 - ``refuse``: the port is closed, so connecting is refused.
+- ``slowdown``: every request is answered ``503 SlowDown`` (S3's throttling), connection closed;
+  open connections are reset, so nothing reaches the server any more.
 
-Going back to ``pass`` resets the black-holed connections (as a NAT dropping its state would)
-and forwards again. Everything runs in threads of this process; ``close()`` ends them all.
+``blackhole_after(n)`` forwards ``n`` more bytes of the server's answers, then black-holes: a
+download that stalls mid-body. Going back to ``pass`` resets the black-holed connections (as a
+NAT dropping its state would) and forwards again. Everything runs in threads of this process;
+``close()`` ends them all.
 """
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ import socket
 import struct
 import threading
 
-MODES = ("pass", "reset", "blackhole", "refuse")
+MODES = ("pass", "reset", "blackhole", "refuse", "slowdown")
+SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+                 b'<Message>Please reduce your request rate.</Message></Error>')
 
 
 def _reset(sock: socket.socket) -> None:
@@ -39,6 +45,7 @@ class TcpProxy:
         self.host = host
         self.mode = "pass"
         self.accepted = 0
+        self._budget: int | None = None  # bytes of answers still forwarded (blackhole_after)
         self._lock = threading.Lock()
         self._conns: list[tuple[socket.socket, socket.socket | None]] = []
         self._closed = False
@@ -53,12 +60,14 @@ class TcpProxy:
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
+        cut = mode in ("reset", "refuse", "slowdown")
         with self._lock:
             old, self.mode = self.mode, mode
+            self._budget = None
             conns = list(self._conns)
-            if mode in ("reset", "refuse") or (old == "blackhole" and mode == "pass"):
+            if cut or (old == "blackhole" and mode == "pass"):
                 self._conns.clear()
-        if mode in ("reset", "refuse") or (old == "blackhole" and mode == "pass"):
+        if cut or (old == "blackhole" and mode == "pass"):
             for client, upstream in conns:
                 _reset(client)
                 if upstream is not None:
@@ -67,6 +76,11 @@ class TcpProxy:
             self._unlisten()
         elif self._listener is None:
             self._listen()
+
+    def blackhole_after(self, nbytes: int) -> None:
+        """Forward ``nbytes`` more bytes from the server to the clients, then black-hole."""
+        with self._lock:
+            self._budget = nbytes
 
     def close(self) -> None:
         with self._lock:
@@ -120,6 +134,11 @@ class TcpProxy:
             elif mode == "blackhole":
                 with self._lock:
                     self._conns.append((client, None))
+            elif mode == "slowdown":
+                with self._lock:
+                    self._conns.append((client, None))
+                threading.Thread(target=self._slow_down, args=(client,), daemon=True,
+                                 name="proxy-slowdown").start()
             else:
                 try:
                     upstream = socket.create_connection(self.upstream, timeout=5)
@@ -130,6 +149,45 @@ class TcpProxy:
                     self._conns.append((client, upstream))
                 threading.Thread(target=self._pump, args=(client, upstream), daemon=True,
                                  name="proxy-pump").start()
+
+    def _slow_down(self, client: socket.socket) -> None:
+        """Read one request (headers and any body), answer 503 SlowDown, close."""
+        try:
+            client.settimeout(5)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+            head, _, body = buf.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value.strip())
+            while len(body) < length:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                body += chunk
+            answer = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                      b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(SLOWDOWN_BODY))
+            if not head.startswith(b"HEAD "):
+                answer += SLOWDOWN_BODY
+            client.sendall(answer)
+        except (OSError, ValueError):
+            pass
+        finally:
+            with self._lock:
+                try:
+                    self._conns.remove((client, None))
+                except ValueError:
+                    pass
+            try:
+                client.close()
+            except OSError:
+                pass
 
     def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
         """Forward both ways until either side closes; while black-holed, forward nothing."""
@@ -147,7 +205,15 @@ class TcpProxy:
                     data = s.recv(65536)
                     if not data:
                         return
-                    peer[s].sendall(data)
+                    if s is upstream and self._budget is not None:
+                        with self._lock:
+                            if self._budget is not None:
+                                data = data[:self._budget]
+                                self._budget -= len(data)
+                                if not self._budget:
+                                    self._budget, self.mode = None, "blackhole"
+                    if data:
+                        peer[s].sendall(data)
         except (OSError, ValueError):
             return
         finally:

@@ -65,6 +65,8 @@ def test_unknown_setting_is_named(tmp_path):
     ("S3STASHFS_BUCKET", "Bad Bucket!", "not a valid bucket name"),
     ("S3STASHFS_LOG_LEVEL", "LOUD", "one of DEBUG"),
     ("S3STASHFS_OFFLINE_WRITES", "later", "must be refuse or queue"),
+    ("S3STASHFS_TIMEOUT", "0.5", "between 1 and 300"),
+    ("S3STASHFS_TIMEOUT", "never", "number of seconds"),
 ])
 def test_bad_values_name_key_and_problem(tmp_path, key, value, message):
     with pytest.raises(ConfigError) as e:
@@ -93,3 +95,14 @@ def test_offline_writes_reaches_the_daemon(tmp_path):
     env = cli._settings_env(s)
     assert env["S3STASHFS_OFFLINE_WRITES"] == "queue"
     assert load(tmp_path, env=env).offline_writes == "queue"
+
+
+def test_timeout_flag_reaches_the_settings(tmp_path, monkeypatch):
+    from s3stashfs import cli
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("S3STASHFS_TIMEOUT", raising=False)
+    args = cli.build_parser().parse_args(["mount", str(tmp_path), "--timeout", "12.5"])
+    s = cli._settings(args)
+    assert s.timeout == 12.5
+    assert cli._settings_env(s)["S3STASHFS_TIMEOUT"] == "12.5"  # handed on to the daemon
+    assert load(tmp_path).timeout == config.DEFAULT_TIMEOUT == 5.0

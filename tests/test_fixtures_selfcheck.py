@@ -566,7 +566,8 @@ def test_unexpected_log_warning_fails_the_test(tmp_path):
 
 
 def test_s3_proxy_modes(s3_proxy, s3, bucket):
-    """The proxy forwards, resets, black-holes and refuses, and forwards again."""
+    """The proxy forwards, resets, black-holes, refuses, answers 503 SlowDown, stalls an
+    answer mid-body, and forwards again."""
     import botocore.exceptions
 
     from conftest import make_s3_client
@@ -579,7 +580,9 @@ def test_s3_proxy_modes(s3_proxy, s3, bucket):
         return via.get_object(Bucket=bucket, Key="p.txt")["Body"].read()
 
     assert get() == b"through the proxy\n"
-    for mode, error in (("reset", botocore.exceptions.ConnectionClosedError),
+    # reset: the RST may beat the end of connect() on a loaded machine (EndpointConnectionError)
+    for mode, error in (("reset", (botocore.exceptions.ConnectionClosedError,
+                                   botocore.exceptions.EndpointConnectionError)),
                         ("blackhole", botocore.exceptions.ReadTimeoutError),
                         ("refuse", botocore.exceptions.EndpointConnectionError)):
         s3_proxy.set_mode(mode)
@@ -587,3 +590,28 @@ def test_s3_proxy_modes(s3_proxy, s3, bucket):
             get()
         s3_proxy.set_mode("pass")
         assert get() == b"through the proxy\n"
+    s3_proxy.set_mode("slowdown")
+    for call in (get, lambda: via.head_object(Bucket=bucket, Key="p.txt")):
+        with pytest.raises(botocore.exceptions.ClientError) as e:
+            call()
+        assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    assert e.value.response["Error"]["Code"] in ("SlowDown", "503")  # HEAD: no body to name it
+    with pytest.raises(botocore.exceptions.ClientError, match="SlowDown"):
+        get()
+    s3_proxy.set_mode("pass")
+    assert get() == b"through the proxy\n"
+    # mid-body: headers and the first bytes come, then nothing
+    big = helpers.random_bytes(1 << 20, seed=5)
+    s3.put_object(Bucket=bucket, Key="big.bin", Body=big)
+    s3_proxy.blackhole_after(100_000)  # the answer's headers count too
+    body = via.get_object(Bucket=bucket, Key="big.bin")["Body"]
+    got = b""
+    with pytest.raises(botocore.exceptions.ReadTimeoutError):
+        while True:
+            chunk = body.read(10_000)
+            assert chunk, "the body ended instead of stalling"
+            got += chunk
+    assert 0 < len(got) <= 100_000 and got == big[:len(got)]
+    assert s3_proxy.mode == "blackhole"
+    s3_proxy.set_mode("pass")
+    assert via.get_object(Bucket=bucket, Key="big.bin")["Body"].read() == big

@@ -2,13 +2,18 @@
 (the real client is exercised by every mount test against moto_server)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import socket
+import threading
+import time
 
 import botocore.exceptions as bexc
 import pytest
 import trio
+import urllib3.exceptions as uexc
 
 from s3stashfs import config, errors
 from s3stashfs.store import Store, _classify, parse_meta_mtime
@@ -36,7 +41,7 @@ class FakeClient:
 
 def make_store(tmp_path, client):
     s = Store(config.load({}, {"HOME": str(tmp_path)}))
-    s._client = client
+    s._clients = dict.fromkeys(s._clients, client)
     s._direct.enabled = False  # the stand-in client answers everything
     return s
 
@@ -109,6 +114,125 @@ def client_error(code, status):
 ])
 def test_classification(exc, cls):
     assert type(_classify(exc, "op")) is cls
+
+
+def dns_error():
+    return uexc.NameResolutionError("s3.example.invalid", None,
+                                    socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+
+# (exception, retried quickly before going offline): built by hand where a live test cannot
+# make them (DNS: no real name is resolved in the tests)
+@pytest.mark.parametrize("exc,retry", [
+    # refused, reset, closed mid-answer: at once, so worth two quick retries
+    (bexc.EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
+    (uexc.NewConnectionError(None, "Connection refused"), True),
+    (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), True),
+    (ConnectionResetError(errno.ECONNRESET, "reset"), True),
+    (uexc.ProtocolError("Connection aborted.", ConnectionResetError(errno.ECONNRESET, "reset")), True),
+    (bexc.ConnectionClosedError(endpoint_url="http://127.0.0.1:1"), True),
+    (bexc.ResponseStreamingError(error="Connection broken: IncompleteRead"), True),
+    (OSError(errno.ENETUNREACH, "Network is unreachable"), True),
+    (OSError(errno.EHOSTUNREACH, "No route to host"), True),
+    # timeouts: the wait is spent already
+    (bexc.ConnectTimeoutError(endpoint_url="http://127.0.0.1:1"), False),
+    (bexc.ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), False),
+    (uexc.ConnectTimeoutError(None, "timed out"), False),
+    (uexc.ReadTimeoutError(None, "http://127.0.0.1:1/b/k", "Read timed out."), False),
+    (TimeoutError("timed out"), False),
+    # DNS failure, raw, from urllib3 and from botocore: the resolver has retried already
+    (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), False),
+    (dns_error(), False),
+    (bexc.EndpointConnectionError(endpoint_url="http://s3.example.invalid", error=dns_error()), False),
+])
+def test_network_failures_are_unreachable(exc, retry):
+    e = _classify(exc, "op")
+    assert type(e) is errors.Unreachable and e.retry is retry
+    assert errors.errno_for(e) == errno.ENETUNREACH
+
+
+@pytest.mark.parametrize("code,status", [
+    ("SlowDown", 503), ("503", 503), ("TooManyRequests", 429), ("429", 429),
+    ("RequestLimitExceeded", 503),
+])
+def test_throttling_is_not_unreachable(code, status):
+    assert type(_classify(client_error(code, status), "op")) is errors.Throttled
+
+
+def test_a_local_disk_error_is_not_s3s_fault():
+    with pytest.raises(OSError) as e:
+        _classify(OSError(errno.ENOSPC, "No space left on device"), "op")
+    assert e.value.errno == errno.ENOSPC
+
+
+def test_timeouts_by_kind_of_call(tmp_path):
+    """Defaults, and one setting scaling them all; each botocore client has its own."""
+    st = Store(config.load({}, {"HOME": str(tmp_path)}))
+    t = st.timeouts
+    assert (t.connect, t.meta, t.data, t.write) == (2.0, 5.0, 10.0, 30.0)
+    assert {k: c.meta.config.read_timeout for k, c in st._clients.items()} == \
+        {"meta": 5.0, "data": 10.0, "write": 30.0}
+    assert all(c.meta.config.connect_timeout == 2.0 for c in st._clients.values())
+    t = Store(config.load({}, {"HOME": str(tmp_path), "S3STASHFS_TIMEOUT": "10"})).timeouts
+    assert (t.connect, t.meta, t.data, t.write) == (4.0, 10.0, 20.0, 60.0)
+
+
+def run_calls(tmp_path, fails):
+    """``_run`` on a call that raises ``fails`` every time: how often was it made, is the
+    store offline after?"""
+    st = make_store(tmp_path, None)
+    calls = []
+
+    def call():
+        calls.append(1)
+        raise _classify(fails, "op")
+
+    async def go():
+        with pytest.raises(errors.Unreachable):
+            await st._run("op", st._meta, call)
+    trio.run(go)
+    return len(calls), st.connectivity.online
+
+
+def test_refused_is_retried_twice_then_offline(tmp_path):
+    assert run_calls(tmp_path, ConnectionRefusedError(errno.ECONNREFUSED, "x")) == (3, False)
+
+
+def test_a_timeout_goes_offline_without_retrying(tmp_path):
+    assert run_calls(tmp_path, bexc.ReadTimeoutError(endpoint_url="http://127.0.0.1:1")) == (1, False)
+
+
+def test_a_metadata_call_stops_waiting_when_another_finds_s3_unreachable(tmp_path):
+    st = make_store(tmp_path, None)
+    release = threading.Event()
+    took = []
+
+    def hung():  # a HEAD on a hung server: only its own timeout would end it
+        release.wait(30)
+        return "late"
+
+    def times_out():
+        time.sleep(0.2)
+        raise _classify(bexc.ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), "op")
+
+    async def waiter():
+        t = time.monotonic()
+        with pytest.raises(errors.Unreachable):
+            await st._run("HEAD", st._meta, hung, abandon=True)
+        took.append(time.monotonic() - t)
+
+    async def go():
+        async with trio.open_nursery() as n:
+            n.start_soon(waiter)
+            with pytest.raises(errors.Unreachable):
+                await st._run("GET", st._data, times_out)
+        with pytest.raises(errors.Unreachable, match="offline since"):  # and new calls at once
+            await st._run("HEAD", st._meta, hung, abandon=True)
+    try:
+        trio.run(go)
+    finally:
+        release.set()
+    assert not st.connectivity.online and took and took[0] < 2
 
 
 def test_errno_mapping_is_in_one_place():
