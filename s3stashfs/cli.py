@@ -1,7 +1,9 @@
-"""Command line: argument parsing, exit codes, and daemonising ``mount``.
+"""Command line: argument parsing, exit codes, and daemonising ``mount``; the other commands
+(status, cache, pin, unpin, sync) are in commands.py.
 
 Exit codes: 0 success; 1 the operation failed (no FUSE, S3 refused, bucket missing, endpoint
-unreachable, mount died); 2 bad input (flags, settings, env file, mountpoint).
+unreachable, mount died); 2 bad input (flags, settings, env file, mountpoint); the other
+commands add 3 (done, but look) and 4 (not mounted).
 Nothing else in the package reads ``sys.argv``.
 """
 from __future__ import annotations
@@ -37,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings also come from S3STASHFS_* environment variables and the env file "
                "~/.s3stashfs.env (or $S3STASHFS_ENV); flags win over both. Credentials come from "
                "boto3's usual chain (AWS_* variables, ~/.aws, instance roles). Exit status: 0 ok, "
-               "1 failed, 2 bad input.")
+               "1 failed, 2 bad input; status, cache verify and sync also use 3 (offline, bad "
+               "blocks, conflicts) and 4 (not mounted).")
     p.add_argument("--version", action="version", version=f"s3stashfs {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
