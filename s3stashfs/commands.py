@@ -120,6 +120,19 @@ def ask(cache_dir: Path, req: dict, on_progress=None):
         raise CommandError(str(e)) from None
 
 
+def ask_or_local(settings, mountpoint: str | None, req: dict, local):
+    """(answer, mounted): the mount's answer to ``req``, or, when no mount serves the cache
+    directory, ``local(cache, cache_dir)`` run on the directory itself."""
+    cache_dir, mp = target_cache_dir(settings, mountpoint)
+    answer = ask(cache_dir, req)
+    if answer is not None:
+        return answer, True
+    if mp is not None:
+        raise CommandError(f"{mp}: the mount does not answer on its control socket")
+    with unmounted_cache(settings, cache_dir) as cache:
+        return local(cache, cache_dir), False
+
+
 def pending_rows(cache) -> list[dict]:
     """What a stopped mount left pending, read from the catalog, in the order it is applied:
     dirty files without a journal row (older catalogs) first, then the journal."""
@@ -142,16 +155,12 @@ def pending_rows(cache) -> list[dict]:
 
 # ------------------------------------------------------------------------ commands
 def cmd_status(settings, args) -> int:
-    cache_dir, mp = target_cache_dir(settings, args.mountpoint)
-    st = ask(cache_dir, {"cmd": "status"})
-    if st is None:
-        if mp is not None:
-            raise CommandError(f"{mp}: the mount does not answer on its control socket")
-        with unmounted_cache(settings, cache_dir) as cache:
-            st = {"mounted": False, "cache_dir": str(cache_dir), "endpoint": settings.origin,
-                  "cache": cache.usage(), "pending": pending_rows(cache),
-                  "conflicts": cache.catalog.events("conflict", limit=100),
-                  "errors": cache.catalog.events("error", limit=20)}
+    def local(cache, cache_dir):
+        return {"mounted": False, "cache_dir": str(cache_dir), "endpoint": settings.origin,
+                "cache": cache.usage(), "pending": pending_rows(cache),
+                "conflicts": cache.catalog.events("conflict", limit=100),
+                "errors": cache.catalog.events("error", limit=20)}
+    st, _ = ask_or_local(settings, args.mountpoint, {"cmd": "status"}, local)
     code = EXIT_NOT_MOUNTED if not st["mounted"] else EXIT_OK if st["online"] else EXIT_LOOK
     if args.json:
         print(json.dumps(st, indent=2))
@@ -189,18 +198,13 @@ def cmd_status(settings, args) -> int:
 
 
 def cmd_cache(settings, args) -> int:
-    cache_dir, mp = target_cache_dir(settings, args.mountpoint)
     req: dict = {"cmd": args.cache_command}
     if args.cache_command == "prune":
         req["older_than"] = parse_older_than(args.older_than)
     if args.cache_command == "clear":
         req["include_pinned"] = args.include_pinned
-    result = ask(cache_dir, req)
-    if result is None:
-        if mp is not None:
-            raise CommandError(f"{mp}: the mount does not answer on its control socket")
-        with unmounted_cache(settings, cache_dir) as cache:
-            result = _run_locally(cache, req)
+    result, _ = ask_or_local(settings, args.mountpoint, req,
+                             lambda cache, _: _run_locally(cache, req))
     code = EXIT_OK
     if args.cache_command == "verify" and result["bad_blocks"]:
         code = EXIT_LOOK
@@ -273,13 +277,10 @@ def cmd_pin(settings, args, pin: bool) -> int:
 
 
 def cmd_sync(settings, args) -> int:
-    cache_dir, mp = target_cache_dir(settings, args.mountpoint)
-    r = ask(cache_dir, {"cmd": "sync"})
-    if r is None:
-        if mp is not None:
-            raise CommandError(f"{mp}: the mount does not answer on its control socket")
-        with unmounted_cache(settings, cache_dir) as cache:
-            n = len(pending_rows(cache))
+    r, mounted = ask_or_local(settings, args.mountpoint, {"cmd": "sync"},
+                              lambda cache, cache_dir: (len(pending_rows(cache)), cache_dir))
+    if not mounted:
+        n, cache_dir = r
         msg = (f"not mounted: {n} change(s) wait in {cache_dir} and are uploaded when it is "
                "mounted" if n else f"not mounted; nothing pending in {cache_dir}")
         if args.json:

@@ -12,14 +12,13 @@ Unreachable at once); those fetches end by their own timeout, and what they did 
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 
 import trio
 
-from .cache import (BLOCK_SIZE, INDEX_SUFFIXES, SUMS_SUFFIX, Cache, CachedObject, Fetch,  # noqa: F401
-                    check_reserve, is_index, write_sums)
+from .cache import (BLOCK_SIZE, SUMS_SUFFIX, Cache, CachedObject, Fetch, check_reserve, is_index,
+                    md5_of, write_sums)
 from .errors import Changed, NoSpace, S3StashError, Unreachable
 from .store import Store, is_md5_etag
 
@@ -312,7 +311,7 @@ class Fetcher:
         """A single-part object assembled from ranged GETs: check the whole against its MD5."""
         try:
             gen = obj.gen
-            digest = await trio.to_thread.run_sync(_md5_of, self.cache.ensure_open(obj), obj.size)
+            digest = await trio.to_thread.run_sync(md5_of, self.cache.ensure_open(obj), obj.size)
             if obj.dirty or obj.gen != gen:
                 pass  # changed locally meanwhile: these bytes are no longer S3's to check
             elif digest == obj.etag:
@@ -336,15 +335,3 @@ def _fresh_copy(e: BaseException) -> BaseException:
     if isinstance(e, OSError):
         return OSError(e.errno, e.strerror)
     return e
-
-
-def _md5_of(fd: int, size: int) -> str:
-    md5 = hashlib.md5(usedforsecurity=False)
-    pos = 0
-    while pos < size:
-        chunk = os.pread(fd, min(8 << 20, size - pos), pos)
-        if not chunk:
-            break
-        md5.update(chunk)
-        pos += len(chunk)
-    return md5.hexdigest()

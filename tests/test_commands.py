@@ -4,7 +4,6 @@ directory. S3 is made unreachable for the mount by the loopback proxy; the tests
 client still reaches moto."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat
@@ -75,6 +74,8 @@ def test_status_online_offline_and_unmounted(mount, s3, bucket, s3_proxy):
     assert st3["cache"]["bytes"] == st["cache"]["bytes"]
     r = cli(m.env, "status", "--cache-dir", m.cache_dir)
     assert r.returncode == 4 and "not mounted" in r.stdout
+    r = cli(m.env, "sync", "--cache-dir", m.cache_dir)
+    assert r.returncode == 4 and "nothing pending" in r.stdout
 
 
 def test_status_lists_pending_and_sync_uploads_them(mount, s3, bucket, s3_proxy):

@@ -845,16 +845,8 @@ def _check_file(path: Path, size: int, present: list[tuple[int, int]],
                 b += n
         if checked or md5 is None:
             return (bad, checked) if checked else (None, 0)
-        h = hashlib.md5(usedforsecurity=False)
-        pos = 0
-        while pos < size:
-            chunk = os.pread(fd, min(8 << 20, size - pos), pos)
-            if not chunk:
-                break
-            h.update(chunk)
-            pos += len(chunk)
         nblocks = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
-        return ([] if h.hexdigest() == md5 else list(range(nblocks))), size
+        return ([] if md5_of(fd, size) == md5 else list(range(nblocks))), size
     finally:
         os.close(fd)
 
@@ -886,3 +878,16 @@ def write_sums(fd: int, sums_fd: int, size: int, first: int, end: int) -> None:
                         for i in range(n))
         os.pwrite(sums_fd, sums, 4 * first)
         first += n
+
+
+def md5_of(fd: int, size: int) -> str:
+    """The MD5 of the first ``size`` bytes of ``fd`` (in a worker thread)."""
+    h = hashlib.md5(usedforsecurity=False)
+    pos = 0
+    while pos < size:
+        chunk = os.pread(fd, min(8 << 20, size - pos), pos)
+        if not chunk:
+            break
+        h.update(chunk)
+        pos += len(chunk)
+    return h.hexdigest()
