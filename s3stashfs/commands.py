@@ -268,7 +268,7 @@ def cmd_pin(settings, args, pin: bool) -> int:
     elif pin:
         for r in results:
             print(f"pinned {r['files']} of {r['files_total']} files, {size(r['bytes'])} "
-                  f"({size(r['fetched'])} fetched) in {r['seconds']:.1f} s")
+                  f"({size(r['fetched'])} fetched) in {r['seconds']:.2f} s")
         for f in failed:
             print(f"  not pinned: {f['bucket']}/{f['key']}: {f['error']}", file=sys.stderr)
     else:

@@ -218,12 +218,15 @@ class ControlServer:
                     del active[(bucket, key)]
                     m.cache.release(obj)
 
+        async def report() -> None:
+            await send({"progress": {
+                "files": state["files"] + len(state["failed"]), "files_total": len(unique),
+                "bytes": state["bytes"] + in_flight(), "bytes_total": total,
+                "elapsed": time.monotonic() - t0}})
+
         async def progress() -> None:
             while True:
-                await send({"progress": {
-                    "files": state["files"] + len(state["failed"]), "files_total": len(unique),
-                    "bytes": state["bytes"] + in_flight(), "bytes_total": total,
-                    "elapsed": time.monotonic() - t0}})
+                await report()
                 await trio.sleep(PROGRESS_EVERY)
 
         async with trio.open_nursery() as outer:
@@ -232,6 +235,7 @@ class ControlServer:
                 for bucket, key, info in unique:
                     nursery.start_soon(one, bucket, key, info)
             outer.cancel_scope.cancel()
+        await report()  # the bar ends where the work did
         log.info("pinned %d file(s), %d bytes (%d fetched), %d failed", state["files"],
                  state["bytes"], state["fetched"], len(state["failed"]))
         return {**state, "files_total": len(unique), "bytes_total": total,
