@@ -634,8 +634,9 @@ class Operations(pyfuse3.Operations):
         self.cache.move(node.bucket, node.key, new_key, etag)
 
     async def _rename_file_offline(self, node: Node, new_key: str, target: Node | None) -> None:
-        """Queue mode, offline: a file whose bytes are all here (cached whole, or a local
-        change) moves in the cache at once and becomes a local change of the new name. The
+        """Queue mode, offline: a file whose bytes are all here (an object cached whole, with
+        its metadata, or a local change) moves in the cache at once and becomes a local change
+        of the new name (S3 cannot copy it now, so its bytes will be uploaded). The
         journal gets the upload of the new name, conditional on what S3 had there (the
         target's ETag, or none), then the delete of the old name if S3 has a version of it,
         conditional on that version. Anything else needs S3: ENETUNREACH."""
@@ -648,6 +649,9 @@ class Operations(pyfuse3.Operations):
             if not local.dirty and not local.complete:
                 raise Unreachable(f"s3://{node.bucket}/{node.key} is not wholly cached and S3 "
                                   f"is unreachable: it cannot be renamed offline")
+            if not local.dirty and local.row.metadata is None:  # cached after a listing only
+                raise Unreachable(f"s3://{node.bucket}/{node.key}: its metadata is not known "
+                                  f"and S3 is unreachable: it cannot be renamed offline")
             old = self._remote_base(node.bucket, node.key, node) if local.dirty else local.etag
             base = self._remote_base(node.bucket, new_key, target)  # what the new name replaces
             self.uploader.break_stream(local)

@@ -375,6 +375,25 @@ def test_queue_mode_rename_of_a_file_not_wholly_cached_fails_at_once(mount, s3, 
     assert catalog(m)[0] == []
 
 
+def test_queue_mode_rename_of_a_file_whose_metadata_is_not_known_fails_at_once(
+        mount, s3, bucket, s3_proxy):
+    """Opened within the TTL of a listing, an object is cached without a HEAD, so without its
+    x-amz-meta-*: uploaded under a new name offline, it would lose them."""
+    helpers.put_object(s3, bucket, "listed.txt", b"opened after a listing\n",
+                       Metadata={"mode": str(0o100600)})
+    helpers.put_object(s3, bucket, "other.txt", b"never read\n")
+    m = mount(bucket=bucket, extra_args=["--metadata-ttl", "60", "--offline-writes", "queue"],
+              endpoint_url=s3_proxy.url)
+    assert sorted(os.listdir(m.path)) == ["listed.txt", "other.txt"]
+    assert (m.path / "listed.txt").read_bytes() == b"opened after a listing\n"
+    s3_proxy.set_mode("refuse")
+    fails_at_once(lambda: (m.path / "other.txt").read_bytes())  # needs S3: the mount goes offline
+    helpers.wait_for(lambda: "offline, serving what is cached" in m.log_text(), timeout=30)
+    fails_at_once(lambda: os.rename(m.path / "listed.txt", m.path / "moved.txt"))
+    assert (m.path / "listed.txt").read_bytes() == b"opened after a listing\n"
+    assert catalog(m)[0] == []
+
+
 @pytest.mark.expect_log("conflict")
 def test_queue_mode_renames_whose_names_changed_in_s3_keep_both_versions(mount, s3, bucket,
                                                                          s3_proxy):
