@@ -432,11 +432,18 @@ class Operations(pyfuse3.Operations):
     @handler
     async def rmdir(self, parent_inode, name, ctx):
         self._changing()
-        self._online_only("rmdir")
         parent = self.inodes.get(parent_inode)
         node = await self.ns.lookup(parent, name)
         if not node.kind.is_dir:
             raise NotADirectory(repr(node))
+        if self._offline:  # queue mode: only a directory the mount knows to be empty
+            made, marker = self.ns.offline_rmdir(node)
+            if made:  # its marker was never sent: nothing to send now either
+                self.uploader.unqueue(node.bucket, node.key, "mkdir")
+            if marker is not None:
+                self.uploader.queue(node.bucket, node.key, "delete", marker)
+            self.ns.removed(parent, name)
+            return
         if not await self.ns.is_empty(node):
             raise NotEmpty(repr(node))
         await self.ns.store.delete_object(node.bucket, node.key)
@@ -568,7 +575,6 @@ class Operations(pyfuse3.Operations):
     @handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         self._changing()
-        self._online_only("rename")
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise NotSupported("RENAME_EXCHANGE")
         old_parent = self.inodes.get(parent_inode_old)
@@ -577,6 +583,10 @@ class Operations(pyfuse3.Operations):
         if new_parent.bucket != old_parent.bucket:
             raise pyfuse3.FUSEError(errno.EXDEV)  # across buckets: mv(1) copies
         node = await self.ns.lookup(old_parent, name_old)
+        if node.kind.is_dir:
+            # a directory's rename copies every key below it (S3 has no directories to move):
+            # offline there is no way to copy what the cache does not hold, so it is not queued
+            self._online_only("the rename of a directory")
         target = await self._maybe_lookup(new_parent, name_new)
         if target is not None:
             if flags & pyfuse3.RENAME_NOREPLACE:
@@ -604,6 +614,8 @@ class Operations(pyfuse3.Operations):
     async def _rename_file(self, node: Node, new_key: str, target: Node | None) -> None:
         """A server-side copy, then the delete; a file with local changes not yet uploaded just
         moves in the cache and is uploaded under its new name."""
+        if self._offline:  # queue mode
+            return await self._rename_file_offline(node, new_key, target)
         store = self.ns.store
         local = self.cache.current(node.bucket, node.key)
         if local is not None and local.dirty:
@@ -620,6 +632,35 @@ class Operations(pyfuse3.Operations):
                                 self.uploader.part_size)
         await store.delete_object(node.bucket, node.key)
         self.cache.move(node.bucket, node.key, new_key, etag)
+
+    async def _rename_file_offline(self, node: Node, new_key: str, target: Node | None) -> None:
+        """Queue mode, offline: a file whose bytes are all here (an object cached whole, with
+        its metadata, or a local change) moves in the cache at once and becomes a local change
+        of the new name (S3 cannot copy it now, so its bytes will be uploaded). The
+        journal gets the upload of the new name, conditional on what S3 had there (the
+        target's ETag, or none), then the delete of the old name if S3 has a version of it,
+        conditional on that version. Anything else needs S3: ENETUNREACH."""
+        local = self.cache.current(node.bucket, node.key)
+        opened = None
+        if local is None or not local.dirty:
+            info = await self.ns.revalidate(node)  # offline: the cached version, if any
+            local = opened = self.cache.open_object(node.bucket, node.key, info)[0]
+        try:
+            if not local.dirty and not local.complete:
+                raise Unreachable(f"s3://{node.bucket}/{node.key} is not wholly cached and S3 "
+                                  f"is unreachable: it cannot be renamed offline")
+            if not local.dirty and local.row.metadata is None:  # cached after a listing only
+                raise Unreachable(f"s3://{node.bucket}/{node.key}: its metadata is not known "
+                                  f"and S3 is unreachable: it cannot be renamed offline")
+            old = self._remote_base(node.bucket, node.key, node) if local.dirty else local.etag
+            base = self._remote_base(node.bucket, new_key, target)  # what the new name replaces
+            self.uploader.break_stream(local)
+            await self.cache.move_queued(local, new_key, base, old or None)
+            self.ns.local_changed(node, local)
+            log.info("offline: rename of s3://%s/%s to %s queued", node.bucket, node.key, new_key)
+        finally:
+            if opened is not None:
+                self.cache.release(opened)
 
     async def _rename_dir(self, node: Node, new_key: str) -> None:
         """Every key below the directory: all copied before any is deleted, so that a crash

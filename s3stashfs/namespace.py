@@ -19,7 +19,8 @@ import time
 import trio
 
 from .cache import Cache
-from .errors import Denied, InvalidName, NotADirectory, NotFound, Unreachable, first_error
+from .errors import (Denied, InvalidName, NotADirectory, NotEmpty, NotFound, Unreachable,
+                     first_error)
 from .inodes import InodeTable, Kind, Node
 from .store import ObjectInfo, Store
 
@@ -40,6 +41,11 @@ class Listing:
     readdir hands them out)."""
 
     children: dict[bytes, Node]
+    # listed by S3 (not pieced together offline from the cache), and the ETag of the
+    # directory's own ``dir/`` marker object in that listing (None: no marker): what an rmdir
+    # made offline needs to know
+    from_s3: bool = False
+    marker: str | None = None
     _order: list[Node] | None = None
     _index: dict[int, int] | None = None
     cursor: int = -1  # position of the child opened last, to notice a directory read in order
@@ -133,7 +139,9 @@ class Namespace:
 
         async def as_dir():
             page = await self.store.list_page(parent.bucket, key + "/", max_keys=1)
-            found["dir"] = bool(page.prefixes or page.keys)
+            only_marker = (not page.prefixes and page.keys == [key + "/"]
+                           and page.next_token is None)
+            found["dir"] = "marker" if only_marker else bool(page.prefixes or page.keys)
 
         try:
             async with trio.open_nursery() as n:
@@ -144,6 +152,8 @@ class Namespace:
         info = found["head"]
         if info is not None and (parent.bucket, key) in self.cache.pending_keys("delete"):
             info = None  # deleted while offline; the delete is on its way
+        if found["dir"] == "marker" and (parent.bucket, key + "/") in self.cache.pending_keys("delete"):
+            found["dir"] = False  # removed while offline; the marker's delete is on its way
         if not found["dir"] and (parent.bucket, key + "/") in self.cache.pending_keys("mkdir"):
             found["dir"] = True
         if found["dir"]:
@@ -204,15 +214,17 @@ class Namespace:
         lock = self._listing_locks.setdefault(node.ino, trio.Lock())
         async with lock:  # concurrent `ls` of one directory share one listing
             if node.listing is None or not self._fresh(node.listing_at):
+                marker: list[str] = []
                 try:
                     children = await (self._list_buckets(node) if node.kind is Kind.ROOT
-                                      else self._list_prefix(node))
+                                      else self._list_prefix(node, marker))
                 except Unreachable:
                     if node.listing is None:  # offline, never listed: what the cache knows,
                         node.listing = Listing(self._offline_listing(node))
                         node.listing_at = 0.0  # which is not S3's word: lookups still ask
                     return list(node.listing.children.values())
-                node.listing = Listing(children)
+                node.listing = Listing(children, from_s3=True,
+                                       marker=marker[0] if marker else None)
                 node.listing_at = time.monotonic()
         return list(node.listing.children.values())
 
@@ -220,24 +232,32 @@ class Namespace:
         names = self.buckets or await self.store.list_buckets()
         return {n.encode(): self.inodes.child(node, n.encode(), Kind.BUCKET, n, "") for n in names}
 
-    async def _list_prefix(self, node: Node) -> dict[bytes, Node]:
+    async def _list_prefix(self, node: Node, marker: list[str]) -> dict[bytes, Node]:
+        """The directory's children; the ETag of its own marker object, if any, is appended to
+        ``marker``."""
         bucket, prefix = node.bucket, node.key
         dirs: dict[str, None] = {}
         files: dict[str, ObjectInfo] = {}
+        deleted = self.cache.pending_keys("delete")  # queued while offline, not applied yet
         token = None
         while True:
             page = await self.store.list_page(bucket, prefix, token)
             for p in page.prefixes:
                 dirs[p[len(prefix):-1]] = None
             for k, info in zip(page.keys, page.objects):
-                if k != prefix:  # the directory's own marker object
+                if k != prefix:
                     files[k[len(prefix):]] = info
+                elif (bucket, k) not in deleted:
+                    marker.append(info.etag)  # the directory's own marker object
             token = page.next_token
             if token is None:
                 break
         known = self.cache.catalog.known_metadata(self.cache.origin, bucket, prefix) if files else {}
-        deleted = self.cache.pending_keys("delete")  # queued while offline, not applied yet
-        for b, k in self.cache.pending_keys("mkdir"):
+        made = self.cache.pending_keys("mkdir")
+        for name in [n for n in dirs if (bucket, prefix + n + "/") in deleted
+                     and (bucket, prefix + n + "/") not in made]:
+            del dirs[name]  # removed while offline; its marker's delete is on its way
+        for b, k in made:
             rest = k[len(prefix):-1]
             if b == bucket and k.startswith(prefix) and rest and "/" not in rest:
                 dirs.setdefault(rest, None)
@@ -305,6 +325,31 @@ class Namespace:
             except Unreachable:
                 return False
         return True
+
+    def offline_rmdir(self, node: Node) -> tuple[bool, str | None]:
+        """Offline (queue mode), before an rmdir: is the directory empty, from what the mount
+        knows? Returns (made offline, the ETag of its marker object in S3 or None). Known
+        empty: its last listing by S3, with the changes made through the mount since, holds
+        nothing; or it was made offline and nothing was made in it since. Raises NotEmpty when
+        something is known to be in it, Unreachable when what it holds is not known (a listing
+        pieced together from the cache says nothing of what else S3 has there)."""
+        bucket, prefix = node.bucket, node.key
+        made = (bucket, prefix) in self.cache.pending_keys("mkdir")
+        below = (any(o.bucket == bucket and o.key.startswith(prefix)
+                     for o in self.cache.local_objects())
+                 or any(b == bucket and k.startswith(prefix) and k != prefix
+                        for b, k in self.cache.pending_keys("mkdir")))
+        listing = node.listing
+        if below or (listing is not None and listing.children):
+            raise NotEmpty(f"s3://{bucket}/{prefix}")
+        if listing is not None and listing.from_s3:
+            return made, listing.marker
+        if self.cache.catalog.rows_under(self.cache.origin, bucket, prefix):
+            raise NotEmpty(f"s3://{bucket}/{prefix}")  # cached objects below it
+        if made:
+            return True, None
+        raise Unreachable(f"s3://{bucket}/{prefix}: S3 is unreachable, and what this directory "
+                          f"holds is not known")
 
     def _offline_listing(self, node: Node) -> dict[bytes, Node]:
         """A directory never listed before: what the cache holds of it, or ENETUNREACH."""

@@ -13,8 +13,9 @@ the original key keeps S3's version, and an event records it for ``status``.
 
 Pending changes live in the catalog's journal, in the order they are to be applied: uploads
 (in the order of the closes that made them) and, with ``offline_writes=queue``, the deletes and
-directory markers made while offline. They are applied in that order; a change whose key has an
-earlier change still failing waits for it.
+directory markers made while offline (a file renamed offline is an upload of the new name then
+a delete of the old one; an rmdir, a delete of the directory's marker). They are applied in that
+order; a change whose key has an earlier change still failing waits for it.
 """
 from __future__ import annotations
 
@@ -373,6 +374,12 @@ class Uploader:
         applied in order once S3 answers."""
         self.cache.catalog.journal_add(self.cache.origin, bucket, key, op, base_etag)
         log.info("offline: %s of s3://%s/%s queued", op, bucket, key)
+
+    def unqueue(self, bucket: str, key: str, op: str) -> None:
+        """A queued change that has become moot (the rmdir of a directory made offline):
+        dropped from the journal, so nothing is sent."""
+        self.cache.catalog.journal_forget(self.cache.origin, bucket, key, op)
+        log.info("offline: the queued %s of s3://%s/%s dropped", op, bucket, key)
 
     def _entries(self) -> list[tuple[dict, CachedObject | None]]:
         """Every pending change in apply order: (journal row, dirty object for uploads).

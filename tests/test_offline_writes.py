@@ -7,6 +7,7 @@ changes objects in moto directly. Mounts use --metadata-ttl 0 so that listing a 
 asks S3 (that is how a test makes the mount notice it is offline)."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -144,9 +145,10 @@ def test_queue_mode_applies_changes_in_order_once_back_without_remount(
     os.chmod(m.path / "log.txt", 0o640)
     os.chmod(m.path / "meta.txt", 0o600)  # a clean cached file: uploaded whole with it
     os.symlink("a.txt", m.path / "link")
-    # not queued: rename and rmdir
-    fails_at_once(lambda: os.rename(m.path / "new.txt", m.path / "moved.txt"))
-    fails_at_once(lambda: os.rmdir(m.path / "newdir"))
+    # never queued: the rename of a directory (a copy of every key below it); and a directory
+    # known not to be empty is not removed
+    fails_at_once(lambda: os.rename(m.path / "newdir", m.path / "moved"))
+    fails_at_once(lambda: os.rmdir(m.path / "newdir"), errno.ENOTEMPTY)
     # the mount shows the changes at once
     assert (m.path / "new.txt").read_bytes() == b"created offline\n"
     assert (m.path / "a.txt").read_bytes() == b"v3: the last version wins\n"
@@ -260,6 +262,234 @@ def test_queued_changes_survive_kill_9_and_a_remount_while_offline(mount, s3, bu
     helpers.wait_for(lambda: s3_keys(s3, bucket) == {"keep.txt", "q.txt", "qdir/"}, timeout=30,
                      message="the queued changes to reach S3 after the remount")
     assert s3_bytes(s3, bucket, "q.txt") == b"queued before the crash\n"
+    helpers.wait_for(lambda: catalog(m)[0] == [], timeout=10, message="an empty journal")
+
+
+def rename_noreplace(src, dst):
+    """renameat2(RENAME_NOREPLACE), as `mv -n` does it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), 1) != 0:  # AT_FDCWD
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(src))
+
+
+def put_requests(moto_server, mark, bucket):
+    """The changes the mount sent since ``mark``: (method, key, If-Match, If-None-Match)."""
+    return [(r.method, r.key, r.headers.get("if-match", "").strip('"') or None,
+             r.headers.get("if-none-match")) for r in moto_server.requests_since(mark, bucket=bucket)
+            if r.method in ("PUT", "DELETE")]
+
+
+def test_queue_mode_editor_save_by_rename_over_the_original(mount, s3, bucket, s3_proxy,
+                                                            moto_server):
+    """An editor saves by writing a temporary file and renaming it over the original."""
+    helpers.put_object(s3, bucket, "f.txt", b"version 1\n", Metadata={"mode": str(0o100640)})
+    m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
+    assert (m.path / "f.txt").read_bytes() == b"version 1\n"  # cached
+    go_offline(m, s3_proxy)
+    write(m.path / "f.txt.tmp", b"version 2, saved offline\n")
+    t = time.monotonic()
+    os.rename(m.path / "f.txt.tmp", m.path / "f.txt")
+    assert time.monotonic() - t < 2.0
+    # the mount shows it at once
+    assert (m.path / "f.txt").read_bytes() == b"version 2, saved offline\n"
+    assert os.listdir(m.path) == ["f.txt"]
+    fails_at_once(lambda: os.stat(m.path / "f.txt.tmp"), errno.ENOENT)
+    # one change pending: the upload of f.txt (f.txt.tmp never reached S3: nothing to delete)
+    journal, _, dirty = catalog(m)
+    assert journal == [("upload", "f.txt")]
+    assert dirty == {"f.txt"}
+    assert s3_keys(s3, bucket) == {"f.txt"}
+    assert s3_bytes(s3, bucket, "f.txt") == b"version 1\n"
+    mark = moto_server.mark()
+    go_online(m, s3_proxy)
+    helpers.wait_for(lambda: catalog(m)[0] == [], timeout=30,
+                     message="the queued rename to be applied")
+    assert s3_keys(s3, bucket) == {"f.txt"}
+    assert s3_bytes(s3, bucket, "f.txt") == b"version 2, saved offline\n"
+    # replacing the version the editor had read, and only that one
+    assert put_requests(moto_server, mark, bucket) == [
+        ("PUT", "f.txt", helpers.md5_hex(b"version 1\n"), None)]
+    helpers.wait_for(lambda: catalog(m)[2] == set(), timeout=10, message="nothing dirty")
+    assert (m.path / "f.txt").read_bytes() == b"version 2, saved offline\n"
+
+
+def test_queue_mode_rename_of_cached_files_to_new_names(mount, s3, bucket, s3_proxy, moto_server):
+    big = helpers.random_bytes(3 * helpers.MiB, seed=7)  # cached in blocks, not in one GET
+    helpers.put_object(s3, bucket, "a.txt", b"alpha\n", Metadata={"mode": str(0o100600)})
+    helpers.put_object(s3, bucket, "big.bin", big)
+    helpers.put_object(s3, bucket, "sub/x.txt", b"x\n")
+    m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
+    assert (m.path / "a.txt").read_bytes() == b"alpha\n"
+    assert helpers.md5_file(m.path / "big.bin") == helpers.md5_hex(big)
+    assert sorted(os.listdir(m.path)) == ["a.txt", "big.bin", "sub"]
+    assert os.listdir(m.path / "sub") == ["x.txt"]
+    mtime = os.stat(m.path / "a.txt").st_mtime_ns
+    go_offline(m, s3_proxy)
+    os.rename(m.path / "a.txt", m.path / "renamed.txt")
+    os.rename(m.path / "big.bin", m.path / "sub" / "big.bin")
+    # at once: the old names are gone, the new ones show the bytes and the metadata
+    assert sorted(os.listdir(m.path)) == ["renamed.txt", "sub"]
+    assert sorted(os.listdir(m.path / "sub")) == ["big.bin", "x.txt"]
+    st = os.stat(m.path / "renamed.txt")
+    assert (st.st_mode & 0o777, st.st_size, st.st_mtime_ns) == (0o600, 6, mtime)
+    assert (m.path / "renamed.txt").read_bytes() == b"alpha\n"
+    assert helpers.md5_file(m.path / "sub" / "big.bin") == helpers.md5_hex(big)
+    fails_at_once(lambda: os.stat(m.path / "a.txt"), errno.ENOENT)
+    fails_at_once(lambda: rename_noreplace(m.path / "renamed.txt", m.path / "sub" / "x.txt"),
+                  errno.EEXIST)  # mv -n: an existing target stays
+    assert (m.path / "renamed.txt").read_bytes() == b"alpha\n"
+    journal, _, _ = catalog(m)
+    assert journal == [("upload", "renamed.txt"), ("delete", "a.txt"),
+                       ("upload", "sub/big.bin"), ("delete", "big.bin")]
+    assert s3_keys(s3, bucket) == {"a.txt", "big.bin", "sub/x.txt"}
+    mark = moto_server.mark()
+    go_online(m, s3_proxy)
+    helpers.wait_for(lambda: catalog(m)[0] == [], timeout=30,
+                     message="the queued renames to be applied")
+    assert s3_keys(s3, bucket) == {"renamed.txt", "sub/big.bin", "sub/x.txt"}
+    assert s3_bytes(s3, bucket, "renamed.txt") == b"alpha\n"
+    assert helpers.md5_hex(s3_bytes(s3, bucket, "sub/big.bin")) == helpers.md5_hex(big)
+    assert s3.head_object(Bucket=bucket, Key="renamed.txt")["Metadata"]["mode"] == str(0o100600)
+    # each new name only if S3 had nothing there; each old one only if still the version renamed
+    assert put_requests(moto_server, mark, bucket) == [
+        ("PUT", "renamed.txt", None, "*"), ("DELETE", "a.txt", helpers.md5_hex(b"alpha\n"), None),
+        ("PUT", "sub/big.bin", None, "*"), ("DELETE", "big.bin", helpers.md5_hex(big), None)]
+    assert sorted(os.listdir(m.path)) == ["renamed.txt", "sub"]
+    assert os.stat(m.path / "renamed.txt").st_mtime_ns == mtime
+
+
+def test_queue_mode_rename_of_a_file_not_wholly_cached_fails_at_once(mount, s3, bucket, s3_proxy):
+    helpers.put_object(s3, bucket, "cold.txt", b"never read\n")
+    helpers.put_object(s3, bucket, "partial.bin", helpers.random_bytes(3 * helpers.MiB, seed=3))
+    helpers.put_object(s3, bucket, "dir/y.txt", b"y\n")
+    m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
+    assert sorted(os.listdir(m.path)) == ["cold.txt", "dir", "partial.bin"]
+    assert len(helpers.read_range(m.path / "partial.bin", 0, 4096)) == 4096  # one block cached
+    assert (m.path / "dir" / "y.txt").read_bytes() == b"y\n"
+    go_offline(m, s3_proxy)
+    fails_at_once(lambda: os.rename(m.path / "cold.txt", m.path / "c2.txt"))
+    fails_at_once(lambda: os.rename(m.path / "partial.bin", m.path / "p2.bin"))
+    fails_at_once(lambda: os.rename(m.path / "dir", m.path / "dir2"))  # a directory: never queued
+    assert sorted(os.listdir(m.path)) == ["cold.txt", "dir", "partial.bin"]
+    assert catalog(m)[0] == []
+
+
+def test_queue_mode_rename_of_a_file_whose_metadata_is_not_known_fails_at_once(
+        mount, s3, bucket, s3_proxy):
+    """Opened within the TTL of a listing, an object is cached without a HEAD, so without its
+    x-amz-meta-*: uploaded under a new name offline, it would lose them."""
+    helpers.put_object(s3, bucket, "listed.txt", b"opened after a listing\n",
+                       Metadata={"mode": str(0o100600)})
+    helpers.put_object(s3, bucket, "d/other.txt", b"never listed\n")
+    m = mount(bucket=bucket, extra_args=["--metadata-ttl", "60", "--offline-writes", "queue"],
+              endpoint_url=s3_proxy.url)
+    assert sorted(os.listdir(m.path)) == ["d", "listed.txt"]
+    assert (m.path / "listed.txt").read_bytes() == b"opened after a listing\n"
+    s3_proxy.set_mode("refuse")
+    fails_at_once(lambda: os.listdir(m.path / "d"))  # needs S3: the mount goes offline
+    helpers.wait_for(lambda: "offline, serving what is cached" in m.log_text(), timeout=30)
+    fails_at_once(lambda: os.rename(m.path / "listed.txt", m.path / "moved.txt"))
+    assert (m.path / "listed.txt").read_bytes() == b"opened after a listing\n"
+    assert catalog(m)[0] == []
+
+
+@pytest.mark.expect_log("conflict")
+def test_queue_mode_renames_whose_names_changed_in_s3_keep_both_versions(mount, s3, bucket,
+                                                                         s3_proxy):
+    helpers.put_object(s3, bucket, "f.txt", b"base\n")
+    helpers.put_object(s3, bucket, "g.txt", b"g base\n")
+    m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
+    assert (m.path / "f.txt").read_bytes() == b"base\n"
+    assert (m.path / "g.txt").read_bytes() == b"g base\n"
+    go_offline(m, s3_proxy)
+    write(m.path / "f.txt.tmp", b"saved offline\n")
+    os.rename(m.path / "f.txt.tmp", m.path / "f.txt")  # the target changes in S3 meanwhile
+    os.rename(m.path / "g.txt", m.path / "h.txt")  # the source changes in S3 meanwhile
+    helpers.put_object(s3, bucket, "f.txt", b"f changed in S3\n")
+    helpers.put_object(s3, bucket, "g.txt", b"g changed in S3\n")
+    go_online(m, s3_proxy)
+    helpers.wait_for(lambda: catalog(m)[0] == [], timeout=30,
+                     message="the queued renames to be applied")
+    keys = s3_keys(s3, bucket)
+    cf = [k for k in keys if k.startswith("f.conflict-") and k.endswith(".txt")]
+    assert len(cf) == 1, keys
+    assert keys == {"f.txt", cf[0], "g.txt", "h.txt"}
+    assert s3_bytes(s3, bucket, "f.txt") == b"f changed in S3\n"
+    assert s3_bytes(s3, bucket, cf[0]) == b"saved offline\n"
+    assert s3_bytes(s3, bucket, "g.txt") == b"g changed in S3\n"  # not deleted
+    assert s3_bytes(s3, bucket, "h.txt") == b"g base\n"
+    _, events, _ = catalog(m)
+    conflicts = {e["key"]: e["message"] for e in events if e["kind"] == "conflict"}
+    assert conflicts["f.txt"].endswith(f"kept as {cf[0]}")
+    assert "g.txt" in conflicts
+    helpers.wait_for(lambda: catalog(m)[2] == set(), timeout=10, message="nothing dirty")
+    assert (m.path / "f.txt").read_bytes() == b"f changed in S3\n"
+    assert (m.path / cf[0]).read_bytes() == b"saved offline\n"
+    assert (m.path / "g.txt").read_bytes() == b"g changed in S3\n"
+    assert (m.path / "h.txt").read_bytes() == b"g base\n"
+
+
+def test_queue_mode_rmdir(mount, s3, bucket, s3_proxy, moto_server):
+    helpers.put_object(s3, bucket, "empty/", b"")  # a marker: the directory persists empty
+    helpers.put_object(s3, bucket, "full/x.txt", b"x\n")
+    helpers.put_object(s3, bucket, "prefix/y.txt", b"y\n")  # a directory without a marker
+    helpers.put_object(s3, bucket, "cold/z.txt", b"z\n")
+    m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
+    assert sorted(os.listdir(m.path)) == ["cold", "empty", "full", "prefix"]
+    for d in ("empty", "full", "prefix"):  # listed: the mount knows what they hold
+        os.listdir(m.path / d)
+    go_offline(m, s3_proxy)
+    t = time.monotonic()
+    os.rmdir(m.path / "empty")
+    assert time.monotonic() - t < 2.0
+    fails_at_once(lambda: os.rmdir(m.path / "full"), errno.ENOTEMPTY)
+    fails_at_once(lambda: os.rmdir(m.path / "cold"))  # never listed: its contents are unknown
+    os.unlink(m.path / "prefix" / "y.txt")
+    os.rmdir(m.path / "prefix")  # emptied offline; it has no marker: nothing more to send
+    os.mkdir(m.path / "made")
+    os.rmdir(m.path / "made")  # made and removed offline: nothing to send at all
+    assert sorted(os.listdir(m.path)) == ["cold", "full"]
+    fails_at_once(lambda: os.stat(m.path / "empty"), errno.ENOENT)
+    assert catalog(m)[0] == [("delete", "empty/"), ("delete", "prefix/y.txt")]
+    mark = moto_server.mark()
+    go_online(m, s3_proxy)
+    helpers.wait_for(lambda: catalog(m)[0] == [], timeout=30,
+                     message="the queued changes to be applied")
+    assert s3_keys(s3, bucket) == {"full/x.txt", "cold/z.txt"}
+    assert put_requests(moto_server, mark, bucket) == [
+        ("DELETE", "empty/", helpers.md5_hex(b""), None),
+        ("DELETE", "prefix/y.txt", helpers.md5_hex(b"y\n"), None)]
+    assert sorted(os.listdir(m.path)) == ["cold", "full"]
+
+
+def test_queued_renames_survive_kill_9_and_a_remount_while_offline(mount, s3, bucket, s3_proxy):
+    helpers.put_object(s3, bucket, "f.txt", b"v1\n")
+    helpers.put_object(s3, bucket, "a.txt", b"alpha\n")
+    helpers.put_object(s3, bucket, "empty/", b"")
+    m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
+    assert (m.path / "f.txt").read_bytes() == b"v1\n"
+    assert (m.path / "a.txt").read_bytes() == b"alpha\n"
+    assert sorted(os.listdir(m.path)) == ["a.txt", "empty", "f.txt"]
+    assert os.listdir(m.path / "empty") == []
+    go_offline(m, s3_proxy)
+    write(m.path / "f.txt.tmp", b"v2\n")
+    os.rename(m.path / "f.txt.tmp", m.path / "f.txt")
+    os.rename(m.path / "a.txt", m.path / "b.txt")
+    os.rmdir(m.path / "empty")
+    pid = m.pid
+    os.kill(pid, signal.SIGKILL)  # right after the renames returned: they were durable
+    helpers.wait_for(lambda: not helpers.pid_alive(pid), timeout=10)
+    m.remount()  # still offline
+    assert sorted(os.listdir(m.path)) == ["b.txt", "f.txt"]
+    assert (m.path / "f.txt").read_bytes() == b"v2\n"
+    assert (m.path / "b.txt").read_bytes() == b"alpha\n"
+    assert s3_keys(s3, bucket) == {"f.txt", "a.txt", "empty/"}
+    go_online(m, s3_proxy)
+    helpers.wait_for(lambda: s3_keys(s3, bucket) == {"f.txt", "b.txt"}, timeout=30,
+                     message="the queued renames to reach S3 after the remount")
+    assert s3_bytes(s3, bucket, "f.txt") == b"v2\n"
+    assert s3_bytes(s3, bucket, "b.txt") == b"alpha\n"
     helpers.wait_for(lambda: catalog(m)[0] == [], timeout=10, message="an empty journal")
 
 

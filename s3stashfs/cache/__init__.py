@@ -17,6 +17,7 @@ recently accessed first and index files last; never a dirty, pinned or in-use on
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -290,6 +291,42 @@ class Cache:
                 self.catalog.journal_rekey(self.origin, bucket, key, new_key)
         if obj is not None:
             self._objects[(bucket, new_key)] = obj
+
+    async def move_queued(self, obj: CachedObject, new_key: str, base_etag: str | None,
+                          delete_base: str | None) -> None:
+        """An offline rename (queue mode) of a complete cached version or a local one: ``obj``
+        becomes a local change at ``new_key`` based on ``base_etag`` (what S3 has there; ''
+        nothing), and the journal gets its upload and then, unless ``delete_base`` is None,
+        the delete of the old key on the condition that S3 still has version ``delete_base``.
+        Durable when it returns: the bytes are fsync'ed first, then the row and the journal
+        change in one catalog transaction."""
+        bucket, old_key = obj.bucket, obj.key
+        await trio.to_thread.run_sync(os.fsync, self.ensure_open(obj))
+        row = dataclasses.replace(obj.row, key=new_key, base_etag=base_etag, dirty=True,
+                                  ranges=obj.present.to_bytes(), complete=obj.complete)
+        changes = [(new_key, "upload", base_etag)]
+        if delete_base is not None:
+            changes.append((old_key, "delete", delete_base))
+        old_file = self.catalog.move_queued(row, old_key, changes)
+        # durable: now the objects in memory follow
+        target = self._objects.pop((bucket, new_key), None)
+        if target is not None and target is not obj:  # replaced: an open descriptor keeps it
+            target.unlinked = True
+            target.row.dirty = False
+            target.row_changed = False
+            self._retire(target)
+        if old_file is not None and old_file != row.file:
+            self._unlink(old_file)
+        if self._objects.get((bucket, old_key)) is obj:
+            del self._objects[(bucket, old_key)]
+        if not obj.row.dirty:
+            self._drop_sums(obj)  # its bytes are a local change now, no longer the ones summed
+        for f in ("key", "base_etag", "dirty", "ranges", "complete"):
+            setattr(obj.row, f, getattr(row, f))
+        obj.changed_meta()  # the new name has nothing in S3 yet
+        obj.journaled_gen = obj.gen
+        obj.retry_at = 0.0
+        self._objects[(bucket, new_key)] = obj
 
     def describe(self, bucket: str, key: str) -> str:
         """What the cache holds of an object: complete, partial N/M (blocks), dirty, or none."""

@@ -386,5 +386,29 @@ class Catalog:
         self._db.execute("UPDATE journal SET key=? WHERE origin=? AND bucket=? AND key=? AND "
                          "op='upload'", (new_key, origin, bucket, key))
 
+    def move_queued(self, row: Row, old_key: str,
+                    changes: list[tuple[str, str, str | None]]) -> str | None:
+        """An offline rename (queue mode), in one transaction, so that a crash leaves either the
+        old state or the new one: ``row`` (a saved row, already carrying its new key) replaces
+        whatever row that key had, the pending uploads of both keys go, and ``changes``
+        ((key, op, base_etag), in order) are appended to the journal. Returns the data file
+        of the row the new key had (for the caller to delete), or None."""
+        with self._db:
+            self._db.execute("BEGIN")
+            old = self._db.execute("SELECT id, file FROM objects WHERE origin=? AND bucket=? AND "
+                                   "key=? AND id != ?",
+                                   (row.origin, row.bucket, row.key, row.id)).fetchone()
+            if old is not None:
+                self._db.execute("DELETE FROM objects WHERE id=?", (old[0],))
+            self._db.execute("UPDATE objects SET key=? WHERE id=?", (row.key, row.id))
+            self.put(row)
+            self._db.execute("DELETE FROM journal WHERE origin=? AND bucket=? AND key IN (?, ?) "
+                             "AND op='upload'", (row.origin, row.bucket, row.key, old_key))
+            now = time.time()
+            self._db.executemany(
+                "INSERT INTO journal (origin, bucket, key, op, base_etag, time) VALUES (?,?,?,?,?,?)",
+                [(row.origin, row.bucket, key, op, base, now) for key, op, base in changes])
+        return old[1] if old is not None else None
+
     def clear_events(self, bucket: str, key: str, kind: str) -> None:
         self._db.execute("DELETE FROM events WHERE bucket=? AND key=? AND kind=?", (bucket, key, kind))
