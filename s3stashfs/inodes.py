@@ -95,6 +95,11 @@ class InodeTable:
         ino = self._names.get((parent.ino, name))
         return self._nodes.get(ino) if ino is not None else None
 
+    def children(self, parent: Node) -> list[Node]:
+        """Every node known under ``parent`` (a scan: for the rare offline listing)."""
+        return [self._nodes[ino] for (p, _), ino in self._names.items()
+                if p == parent.ino and ino in self._nodes]
+
     def move(self, node: Node, parent: Node, name: bytes, key: str) -> None:
         """rename: the node keeps its number under its new name; a node below a moved
         directory follows it (its key gets the new prefix)."""

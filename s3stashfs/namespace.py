@@ -300,6 +300,9 @@ class Namespace:
             node = parent.listing.children.get(name)
             if node is not None:
                 return node
+        seen = self.inodes.existing_child(parent, name)
+        if seen is not None and _seen_in_s3(seen):
+            return seen  # S3 showed it to this mount earlier
         if parent.kind is not Kind.ROOT:
             key = parent.key + text
             row = self.cache.catalog.get(self.cache.origin, parent.bucket, key)
@@ -358,9 +361,10 @@ class Namespace:
         rows = self.cache.catalog.rows_under(self.cache.origin, node.bucket, node.key)
         made = [k for b, k in self.cache.pending_keys("mkdir")
                 if b == node.bucket and k.startswith(node.key)]
-        if not rows and not made:
+        seen = [c for c in self.inodes.children(node) if _seen_in_s3(c)]
+        if not rows and not made and not seen:
             raise Unreachable(f"s3://{node.bucket}/{node.key}: S3 is unreachable")
-        children: dict[bytes, Node] = {}
+        children: dict[bytes, Node] = {c.name: c for c in seen}
         for key in made:  # directories made while offline
             first = key[len(node.key):].partition("/")[0]
             if valid_name(first):
@@ -428,6 +432,12 @@ class Namespace:
             return False
         return not any(o.bucket == node.bucket and o.key.startswith(node.key)
                        for o in self.cache.local_objects())
+
+
+def _seen_in_s3(node: Node) -> bool:
+    """A node S3 (or the mount's own changes) showed to this mount: a directory, or an object
+    whose attributes are known."""
+    return node.kind.is_dir or node.info is not None
 
 
 def kind_of(info: ObjectInfo) -> Kind:

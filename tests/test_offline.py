@@ -83,3 +83,24 @@ def test_mount_with_no_cache_and_no_s3_fails_clearly(mount, bucket, moto_server)
         assert not m.is_mounted()
     finally:
         moto_server.start()
+
+
+def test_names_seen_online_stay_known_offline(mount, s3, bucket, moto_server):
+    """What S3 showed this mount (a directory looked up, a file stat'ed) is still there offline,
+    though nothing below it was ever cached: stat and listings say so, reads say unreachable."""
+    helpers.put_object(s3, bucket, "sub/deep/x.txt", b"x\n")
+    helpers.put_object(s3, bucket, "seen.txt", b"seen\n")
+    helpers.put_object(s3, bucket, "cached.txt", b"cached\n")
+    m = mount(bucket=bucket, extra_args=["--metadata-ttl", "0"])  # the kernel asks every time
+    assert os.path.isdir(m.path / "sub")
+    assert os.stat(m.path / "seen.txt").st_size == 5
+    assert (m.path / "cached.txt").read_bytes() == b"cached\n"
+    moto_server.stop()
+    try:
+        assert os.path.isdir(m.path / "sub")
+        assert os.stat(m.path / "seen.txt").st_size == 5
+        assert sorted(os.listdir(m.path)) == ["cached.txt", "seen.txt", "sub"]
+        enetunreach_at_once(lambda: (m.path / "seen.txt").read_bytes())
+        enetunreach_at_once(lambda: os.listdir(m.path / "sub"))
+    finally:
+        moto_server.start()
