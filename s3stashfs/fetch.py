@@ -320,6 +320,8 @@ class Fetcher:
             else:
                 log.error("s3://%s/%s: cached bytes have MD5 %s, not the ETag %s: dropped",
                           obj.bucket, obj.key, digest, obj.etag)
+                self.cache.record_error(obj.bucket, obj.key, f"cached bytes had MD5 {digest}, not "
+                                        f"the ETag {obj.etag}: dropped, fetched again")
                 obj.drop_all()
         except OSError as e:
             log.error("s3://%s/%s: cannot verify the cached bytes: %s", obj.bucket, obj.key, e)

@@ -306,6 +306,19 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         h = self._handles[fh]
         try:
+            return await self._read(h, off, size)
+        except Unreachable:
+            raise  # offline: status says so; not an error of this file
+        except Changed:
+            self.cache.record_error(h.obj.bucket, h.obj.key, "read: changed in S3 while open "
+                                    f"(this open had ETag {h.obj.etag}): EIO")
+            raise
+        except S3StashError as e:
+            self.cache.record_error(h.obj.bucket, h.obj.key, f"read: {e}")
+            raise
+
+    async def _read(self, h, off: int, size: int) -> bytes:
+        try:
             data = await self.fetcher.read(h.obj, h.state, off, size)
         except Changed as e:
             if h.served:

@@ -364,8 +364,7 @@ class Uploader:
         obj.last_error = str(e)
         log.warning("upload of s3://%s/%s failed (%s); kept in the cache, retrying in %.0f s",
                     obj.bucket, obj.key, e, obj.retry_at - time.monotonic())
-        self.cache.catalog.add_event(self.cache.origin, obj.bucket, obj.key, "error",
-                                     f"upload failed: {e}")
+        self.cache.record_error(obj.bucket, obj.key, f"upload failed: {e}")
         self._wake.set()
 
     # ------------------------------------------------------------ the journal
@@ -518,8 +517,7 @@ class Uploader:
             self._op_error[seq] = str(e)
             log.warning("%s of s3://%s/%s failed (%s); kept in the journal, retrying", j["op"],
                         bucket, key, e)
-            self.cache.catalog.add_event(self.cache.origin, bucket, key, "error",
-                                         f"{j['op']} failed: {e}")
+            self.cache.record_error(bucket, key, f"{j['op']} failed: {e}")
             raise
         self.cache.catalog.journal_done(seq)
         self._op_retry.pop(seq, None)

@@ -4,6 +4,7 @@ directory. S3 is made unreachable for the mount by the loopback proxy; the tests
 client still reaches moto."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -124,6 +125,25 @@ def test_conflicts_are_reported_by_status(mount, s3, bucket, s3_proxy):
     assert s3.get_object(Bucket=bucket, Key=kept)["Body"].read() == b"mine\n"
     r = cli(m.env, "status", m.path)
     assert "conflicts  1" in r.stdout and kept in r.stdout
+
+
+def test_status_shows_errors_per_file(mount, s3, bucket):
+    """A read that fails for a reason of its own file (here: the object changed under an open
+    file) is listed by status with the file's name; the same error once, not per read."""
+    helpers.put_random_object(s3, bucket, "big.bin", 24 * MiB)
+    m = mount(bucket=bucket)
+    m.expect_log("changed while open")
+    with open(m.path / "big.bin", "rb") as f:
+        f.read(4096)
+        helpers.put_random_object(s3, bucket, "big.bin", 24 * MiB, seed=1)
+        for _ in range(2):
+            f.seek(20 * MiB)
+            with pytest.raises(OSError) as e:
+                f.read(4096)
+            assert e.value.errno == errno.EIO
+    errors = cli_json(m.env, "status", m.path)["errors"]
+    assert [(x["key"], "changed" in x["message"]) for x in errors] == [("big.bin", True)]
+    assert "big.bin: read: " in cli(m.env, "status", m.path).stdout
 
 
 def test_cache_commands_mounted_and_unmounted(mount, s3, bucket):

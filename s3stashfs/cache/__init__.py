@@ -55,6 +55,8 @@ def data_name(*parts: str) -> str:
     return f"data/{h[:2]}/{h}"
 
 
+ERROR_REPEAT = 60.0  # seconds before the same error about the same file is recorded again
+
 class Fetch:
     """One GET in flight, covering blocks [start, end) of one object."""
 
@@ -178,6 +180,7 @@ class Cache:
         self._dir_fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._objects: dict[tuple[str, str], CachedObject] = {}
         self._retired: set[CachedObject] = set()  # replaced versions still open or syncing
+        self._errors_seen: dict[tuple[str, str, str], float] = {}  # record_error's last times
 
     # ------------------------------------------------------------ objects
     def current(self, bucket: str, key: str) -> CachedObject | None:
@@ -682,6 +685,17 @@ class Cache:
                 out["objects"] += 1
                 out["bytes"] += c.held
         return out
+
+    def record_error(self, bucket: str, key: str, message: str) -> None:
+        """Keep an error about one file for ``status`` (the same one at most once a minute)."""
+        now = time.monotonic()
+        seen = (bucket, key, message)
+        if now - self._errors_seen.get(seen, -ERROR_REPEAT) < ERROR_REPEAT:
+            return
+        if len(self._errors_seen) > 1000:
+            self._errors_seen.clear()
+        self._errors_seen[seen] = now
+        self.catalog.add_event(self.origin, bucket, key, "error", message)
 
     def set_pinned(self, bucket: str, key: str, pinned: bool) -> None:
         """Pin (never evict, prune or clear without include_pinned) or unpin a key of this
