@@ -222,6 +222,12 @@ def cmd_mount(args) -> int:
             os.write(ready_fd, f"ERR {code} {e}\n".encode())
             return code
         raise
+    except Exception as e:  # a bug: say so at once rather than let the parent time out
+        mount.log.exception("the mount failed")
+        if ready_fd is not None:
+            os.write(ready_fd, f"ERR {EXIT_FAIL} internal error: {type(e).__name__}: {e}\n".encode())
+            return EXIT_FAIL
+        raise
     return EXIT_OK
 
 

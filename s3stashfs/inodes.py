@@ -38,7 +38,7 @@ class Node:
     a BUCKET or DIR. The namespace keeps its freshness data in ``info``/``listing``."""
 
     __slots__ = ("ino", "parent", "name", "kind", "bucket", "key", "lookups", "info", "info_at",
-                 "info_src", "listing", "listing_at")
+                 "info_src", "listing", "listing_at", "gone")
 
     def __init__(self, ino: int, parent: int, name: bytes, kind: Kind, bucket: str | None, key: str):
         self.ino = ino
@@ -53,6 +53,7 @@ class Node:
         self.info_src = ""  # "list", "head" (not yet used by an open) or "used"
         self.listing = None  # namespace.Listing of a directory
         self.listing_at = 0.0
+        self.gone = False  # removed through the mount (unlink, rmdir); found again: False
 
     def __repr__(self) -> str:
         return f"Node({self.ino}, {self.kind.value}, s3://{self.bucket}/{self.key})"
@@ -84,6 +85,7 @@ class InodeTable:
         ino = self._names.get((parent.ino, name))
         node = self._nodes.get(ino) if ino is not None else None
         if node is not None and node.kind is kind:
+            node.gone = False
             return node
         node = Node(self._next, parent.ino, name, kind, bucket, key)
         self._next += 1

@@ -300,7 +300,7 @@ class Namespace:
             node = parent.listing.children.get(name)
             if node is not None:
                 return node
-        seen = self.inodes.existing_child(parent, name)
+        seen = self.inodes.existing_child(parent, name) if parent.listing is None else None
         if seen is not None and _seen_in_s3(seen):
             return seen  # S3 showed it to this mount earlier
         if parent.kind is not Kind.ROOT:
@@ -421,6 +421,7 @@ class Namespace:
         node = self.inodes.existing_child(parent, name)
         if node is not None:  # its last attributes stay: an open descriptor may still fstat it
             node.listing = None
+            node.gone = True
 
     def local_changed(self, node: Node, obj) -> None:
         """The file's local version changed or was uploaded: it is what the file looks like."""
@@ -437,7 +438,7 @@ class Namespace:
 def _seen_in_s3(node: Node) -> bool:
     """A node S3 (or the mount's own changes) showed to this mount: a directory, or an object
     whose attributes are known."""
-    return node.kind.is_dir or node.info is not None
+    return not node.gone and (node.kind.is_dir or node.info is not None)
 
 
 def kind_of(info: ObjectInfo) -> Kind:

@@ -566,3 +566,30 @@ def read_or_none(path: str | os.PathLike) -> bytes | None:
             return f.read()
     except OSError:
         return None
+
+
+OFFLINE_LOG = "offline, serving what is cached"
+ONLINE_LOG = "back online"
+
+
+def cut_off(m: Any, proxy: Any, mode: str = "refuse") -> None:
+    """Make S3 unreachable for mount ``m`` (through the loopback ``proxy``) and wait until the
+    mount has noticed: its log says it went offline. A lookup of a name never seen asks S3."""
+    n = m.log_text().count(OFFLINE_LOG)
+    proxy.set_mode(mode)
+
+    def noticed() -> bool:
+        try:
+            os.stat(m.path / f".never-there-{time.monotonic_ns()}")
+        except OSError:
+            pass
+        return m.log_text().count(OFFLINE_LOG) > n
+    wait_for(noticed, timeout=30, message="the mount to notice that S3 is unreachable")
+
+
+def reconnect(m: Any, proxy: Any) -> None:
+    """S3 answers again; wait until the mount's probe (backing off up to 10 s) has found out."""
+    n = m.log_text().count(ONLINE_LOG)
+    proxy.set_mode("pass")
+    wait_for(lambda: m.log_text().count(ONLINE_LOG) > n, timeout=30,
+             message="the mount to come back online")

@@ -31,19 +31,6 @@ def cli_json(env, *args, code=0):
     return json.loads(r.stdout)
 
 
-def go_offline(m, proxy, probe_name="never-cached.txt"):
-    """Cut the mount off S3 and wait until it knows (a lookup that needs S3 tells it)."""
-    proxy.set_mode("refuse")
-
-    def offline():
-        try:
-            os.stat(m.path / probe_name)
-        except OSError:
-            pass
-        return cli(m.env, "status", m.path).returncode == 3
-    helpers.wait_for(offline, timeout=20, message="the mount to go offline")
-
-
 def test_status_online_offline_and_unmounted(mount, s3, bucket, s3_proxy):
     data = helpers.random_bytes(300_000, seed="status")
     helpers.put_object(s3, bucket, "dir/a.bin", data)
@@ -59,7 +46,7 @@ def test_status_online_offline_and_unmounted(mount, s3, bucket, s3_proxy):
     assert cli_json(m.env, "status", "--cache-dir", m.cache_dir)["pid"] == st["pid"]
 
     t = time.time()
-    go_offline(m, s3_proxy)
+    helpers.cut_off(m, s3_proxy)
     r = cli(m.env, "status", m.path)
     assert r.returncode == 3, r
     assert "OFFLINE since" in r.stdout
@@ -83,7 +70,7 @@ def test_status_lists_pending_and_sync_uploads_them(mount, s3, bucket, s3_proxy)
     helpers.put_object(s3, bucket, "old.txt", b"old\n")
     m = mount(bucket=bucket, endpoint_url=s3_proxy.url, extra_args=["--offline-writes", "queue"])
     assert (m.path / "old.txt").read_bytes() == b"old\n"
-    go_offline(m, s3_proxy)
+    helpers.cut_off(m, s3_proxy)
     (m.path / "new.txt").write_bytes(b"written offline\n")  # queued: close() succeeds
     st = cli_json(m.env, "status", m.path, code=3)
     assert [(p["op"], p["key"]) for p in st["pending"]] == [("upload", "new.txt")]
@@ -109,7 +96,7 @@ def test_conflicts_are_reported_by_status(mount, s3, bucket, s3_proxy):
     m = mount(bucket=bucket, endpoint_url=s3_proxy.url, extra_args=["--offline-writes", "queue"])
     m.expect_log("conflict")
     assert (m.path / "a.txt").read_bytes() == b"base\n"
-    go_offline(m, s3_proxy)
+    helpers.cut_off(m, s3_proxy)
     (m.path / "a.txt").write_bytes(b"mine\n")
     helpers.put_object(s3, bucket, "a.txt", b"theirs\n")
     s3_proxy.set_mode("pass")
@@ -215,7 +202,7 @@ def test_pin_a_prefix_then_it_all_reads_offline(mount, s3, bucket, s3_proxy):
     assert st["cache"]["pinned_objects"] == len(files)
     assert st["cache"]["pinned_bytes"] >= sum(map(len, files.values()))
 
-    go_offline(m, s3_proxy, probe_name="other/x.txt")
+    helpers.cut_off(m, s3_proxy)
     for k, v in files.items():
         assert (m.path / k).read_bytes() == v, k
 
@@ -234,7 +221,7 @@ def test_pin_errors(mount, s3, bucket, s3_proxy, tmp_path):
     assert r.returncode == 2 and "not inside an s3stashfs mount" in r.stderr
     r = cli(m.env, "pin", m.path / "missing.txt")
     assert r.returncode == 1 and "No such file" in r.stderr
-    go_offline(m, s3_proxy)
+    helpers.cut_off(m, s3_proxy)
     t = time.monotonic()
     r = cli(m.env, "pin", m.path)  # the whole bucket: needs a listing, so S3
     assert r.returncode == 1 and "unreachable" in r.stderr.lower(), r

@@ -33,26 +33,6 @@ def s3_keys(s3, bucket):
     return set(helpers.list_keys(s3, bucket))
 
 
-def go_offline(m, proxy):
-    """Make S3 unreachable for the mount, and wait until the mount has noticed."""
-    n = m.log_text().count("offline, serving what is cached")
-    proxy.set_mode("refuse")
-    try:
-        os.listdir(m.path)  # asks S3 (TTL 0): finds it unreachable
-    except OSError:
-        pass
-    helpers.wait_for(lambda: m.log_text().count("offline, serving what is cached") > n,
-                     timeout=30, message="the mount to notice that S3 is unreachable")
-
-
-def go_online(m, proxy):
-    """S3 answers again; the mount's probe (backing off up to 10 s) finds out by itself."""
-    n = m.log_text().count("back online")
-    proxy.set_mode("pass")
-    helpers.wait_for(lambda: m.log_text().count("back online") > n, timeout=30,
-                     message="the mount to come back online")
-
-
 def catalog(m):
     db = sqlite3.connect(f"file:{m.cache_dir / 'catalog.sqlite3'}?mode=ro", uri=True)
     try:
@@ -92,7 +72,7 @@ def test_refuse_mode_fails_every_change_at_once_and_changes_nothing(mount, s3, b
     assert (m.path / "sub" / "b.txt").read_bytes() == b"b\n"
     names = sorted(os.listdir(m.path))
     assert os.listdir(m.path / "empty") == []
-    go_offline(m, s3_proxy)
+    helpers.cut_off(m, s3_proxy)
     a = m.path / "a.txt"
     fails_at_once(lambda: open(a, "r+b"))  # O_RDWR
     fails_at_once(lambda: open(a, "ab"))  # O_WRONLY|O_APPEND
@@ -112,7 +92,7 @@ def test_refuse_mode_fails_every_change_at_once_and_changes_nothing(mount, s3, b
     assert a.read_bytes() == b"original\n"
     assert sorted(os.listdir(m.path)) == names
     assert catalog(m)[0] == []  # nothing pending
-    go_online(m, s3_proxy)
+    helpers.reconnect(m, s3_proxy)
     # nor in S3, once the mount is back
     assert m.path.joinpath("sub", "b.txt").read_bytes() == b"b\n"
     assert s3_keys(s3, bucket) == {"a.txt", "sub/b.txt", "empty/"}
@@ -134,7 +114,7 @@ def test_queue_mode_applies_changes_in_order_once_back_without_remount(
     m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
     for name in ("a.txt", "log.txt", "gone.txt", "meta.txt"):
         (m.path / name).read_bytes()  # cached
-    go_offline(m, s3_proxy)
+    helpers.cut_off(m, s3_proxy)
     assert write(m.path / "new.txt", b"created offline\n") < 2.0  # close() returns 0, at once
     write(m.path / "a.txt", b"v2\n")
     write(m.path / "a.txt", b"v3: the last version wins\n")
@@ -170,7 +150,7 @@ def test_queue_mode_applies_changes_in_order_once_back_without_remount(
     assert s3_keys(s3, bucket) == {"a.txt", "log.txt", "gone.txt", "meta.txt"}
     assert s3_bytes(s3, bucket, "a.txt") == b"v1\n"
     mark = moto_server.mark()
-    go_online(m, s3_proxy)
+    helpers.reconnect(m, s3_proxy)
     helpers.wait_for(lambda: catalog(m)[0] == [], timeout=30,
                      message="the queued changes to be applied")
     assert s3_keys(s3, bucket) == {"a.txt", "log.txt", "new.txt", "newdir/", "newdir/inner.txt",
@@ -203,7 +183,7 @@ def test_queue_conflicts_keep_both_versions(mount, s3, bucket, s3_proxy):
     m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
     assert (m.path / "a.txt").read_bytes() == b"base\n"
     assert (m.path / "b.txt").read_bytes() == b"b base\n"
-    go_offline(m, s3_proxy)
+    helpers.cut_off(m, s3_proxy)
     write(m.path / "a.txt", b"changed locally\n")
     write(m.path / "new.txt", b"ours\n")  # created offline: S3 must not have it
     os.unlink(m.path / "b.txt")
@@ -211,7 +191,7 @@ def test_queue_conflicts_keep_both_versions(mount, s3, bucket, s3_proxy):
     helpers.put_object(s3, bucket, "a.txt", b"changed in S3\n")
     helpers.put_object(s3, bucket, "new.txt", b"theirs\n")
     helpers.put_object(s3, bucket, "b.txt", b"b changed in S3\n")
-    go_online(m, s3_proxy)
+    helpers.reconnect(m, s3_proxy)
     helpers.wait_for(lambda: catalog(m)[0] == [], timeout=30,
                      message="the queued changes to be applied")
     keys = s3_keys(s3, bucket)
@@ -246,7 +226,7 @@ def test_queued_changes_survive_kill_9_and_a_remount_while_offline(mount, s3, bu
     m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
     assert (m.path / "keep.txt").read_bytes() == b"cached\n"
     assert (m.path / "old.txt").read_bytes() == b"old\n"
-    go_offline(m, s3_proxy)
+    helpers.cut_off(m, s3_proxy)
     write(m.path / "q.txt", b"queued before the crash\n")  # durable when close() returns
     os.mkdir(m.path / "qdir")
     os.unlink(m.path / "old.txt")
@@ -258,7 +238,7 @@ def test_queued_changes_survive_kill_9_and_a_remount_while_offline(mount, s3, bu
     assert sorted(os.listdir(m.path)) == ["keep.txt", "q.txt", "qdir"]
     assert os.listdir(m.path / "qdir") == []
     assert s3_keys(s3, bucket) == {"keep.txt", "old.txt"}
-    go_online(m, s3_proxy)
+    helpers.reconnect(m, s3_proxy)
     helpers.wait_for(lambda: s3_keys(s3, bucket) == {"keep.txt", "q.txt", "qdir/"}, timeout=30,
                      message="the queued changes to reach S3 after the remount")
     assert s3_bytes(s3, bucket, "q.txt") == b"queued before the crash\n"
@@ -286,7 +266,7 @@ def test_queue_mode_editor_save_by_rename_over_the_original(mount, s3, bucket, s
     helpers.put_object(s3, bucket, "f.txt", b"version 1\n", Metadata={"mode": str(0o100640)})
     m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
     assert (m.path / "f.txt").read_bytes() == b"version 1\n"  # cached
-    go_offline(m, s3_proxy)
+    helpers.cut_off(m, s3_proxy)
     write(m.path / "f.txt.tmp", b"version 2, saved offline\n")
     t = time.monotonic()
     os.rename(m.path / "f.txt.tmp", m.path / "f.txt")
@@ -302,7 +282,7 @@ def test_queue_mode_editor_save_by_rename_over_the_original(mount, s3, bucket, s
     assert s3_keys(s3, bucket) == {"f.txt"}
     assert s3_bytes(s3, bucket, "f.txt") == b"version 1\n"
     mark = moto_server.mark()
-    go_online(m, s3_proxy)
+    helpers.reconnect(m, s3_proxy)
     helpers.wait_for(lambda: catalog(m)[0] == [], timeout=30,
                      message="the queued rename to be applied")
     assert s3_keys(s3, bucket) == {"f.txt"}
@@ -325,7 +305,7 @@ def test_queue_mode_rename_of_cached_files_to_new_names(mount, s3, bucket, s3_pr
     assert sorted(os.listdir(m.path)) == ["a.txt", "big.bin", "sub"]
     assert os.listdir(m.path / "sub") == ["x.txt"]
     mtime = os.stat(m.path / "a.txt").st_mtime_ns
-    go_offline(m, s3_proxy)
+    helpers.cut_off(m, s3_proxy)
     os.rename(m.path / "a.txt", m.path / "renamed.txt")
     os.rename(m.path / "big.bin", m.path / "sub" / "big.bin")
     # at once: the old names are gone, the new ones show the bytes and the metadata
@@ -344,7 +324,7 @@ def test_queue_mode_rename_of_cached_files_to_new_names(mount, s3, bucket, s3_pr
                        ("upload", "sub/big.bin"), ("delete", "big.bin")]
     assert s3_keys(s3, bucket) == {"a.txt", "big.bin", "sub/x.txt"}
     mark = moto_server.mark()
-    go_online(m, s3_proxy)
+    helpers.reconnect(m, s3_proxy)
     helpers.wait_for(lambda: catalog(m)[0] == [], timeout=30,
                      message="the queued renames to be applied")
     assert s3_keys(s3, bucket) == {"renamed.txt", "sub/big.bin", "sub/x.txt"}
@@ -367,7 +347,7 @@ def test_queue_mode_rename_of_a_file_not_wholly_cached_fails_at_once(mount, s3, 
     assert sorted(os.listdir(m.path)) == ["cold.txt", "dir", "partial.bin"]
     assert len(helpers.read_range(m.path / "partial.bin", 0, 4096)) == 4096  # one block cached
     assert (m.path / "dir" / "y.txt").read_bytes() == b"y\n"
-    go_offline(m, s3_proxy)
+    helpers.cut_off(m, s3_proxy)
     fails_at_once(lambda: os.rename(m.path / "cold.txt", m.path / "c2.txt"))
     fails_at_once(lambda: os.rename(m.path / "partial.bin", m.path / "p2.bin"))
     fails_at_once(lambda: os.rename(m.path / "dir", m.path / "dir2"))  # a directory: never queued
@@ -402,13 +382,13 @@ def test_queue_mode_renames_whose_names_changed_in_s3_keep_both_versions(mount, 
     m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
     assert (m.path / "f.txt").read_bytes() == b"base\n"
     assert (m.path / "g.txt").read_bytes() == b"g base\n"
-    go_offline(m, s3_proxy)
+    helpers.cut_off(m, s3_proxy)
     write(m.path / "f.txt.tmp", b"saved offline\n")
     os.rename(m.path / "f.txt.tmp", m.path / "f.txt")  # the target changes in S3 meanwhile
     os.rename(m.path / "g.txt", m.path / "h.txt")  # the source changes in S3 meanwhile
     helpers.put_object(s3, bucket, "f.txt", b"f changed in S3\n")
     helpers.put_object(s3, bucket, "g.txt", b"g changed in S3\n")
-    go_online(m, s3_proxy)
+    helpers.reconnect(m, s3_proxy)
     helpers.wait_for(lambda: catalog(m)[0] == [], timeout=30,
                      message="the queued renames to be applied")
     keys = s3_keys(s3, bucket)
@@ -439,7 +419,7 @@ def test_queue_mode_rmdir(mount, s3, bucket, s3_proxy, moto_server):
     assert sorted(os.listdir(m.path)) == ["cold", "empty", "full", "prefix"]
     for d in ("empty", "full", "prefix"):  # listed: the mount knows what they hold
         os.listdir(m.path / d)
-    go_offline(m, s3_proxy)
+    helpers.cut_off(m, s3_proxy)
     t = time.monotonic()
     os.rmdir(m.path / "empty")
     assert time.monotonic() - t < 2.0
@@ -453,7 +433,7 @@ def test_queue_mode_rmdir(mount, s3, bucket, s3_proxy, moto_server):
     fails_at_once(lambda: os.stat(m.path / "empty"), errno.ENOENT)
     assert catalog(m)[0] == [("delete", "empty/"), ("delete", "prefix/y.txt")]
     mark = moto_server.mark()
-    go_online(m, s3_proxy)
+    helpers.reconnect(m, s3_proxy)
     helpers.wait_for(lambda: catalog(m)[0] == [], timeout=30,
                      message="the queued changes to be applied")
     assert s3_keys(s3, bucket) == {"full/x.txt", "cold/z.txt"}
@@ -472,7 +452,7 @@ def test_queued_renames_survive_kill_9_and_a_remount_while_offline(mount, s3, bu
     assert (m.path / "a.txt").read_bytes() == b"alpha\n"
     assert sorted(os.listdir(m.path)) == ["a.txt", "empty", "f.txt"]
     assert os.listdir(m.path / "empty") == []
-    go_offline(m, s3_proxy)
+    helpers.cut_off(m, s3_proxy)
     write(m.path / "f.txt.tmp", b"v2\n")
     os.rename(m.path / "f.txt.tmp", m.path / "f.txt")
     os.rename(m.path / "a.txt", m.path / "b.txt")
@@ -485,7 +465,7 @@ def test_queued_renames_survive_kill_9_and_a_remount_while_offline(mount, s3, bu
     assert (m.path / "f.txt").read_bytes() == b"v2\n"
     assert (m.path / "b.txt").read_bytes() == b"alpha\n"
     assert s3_keys(s3, bucket) == {"f.txt", "a.txt", "empty/"}
-    go_online(m, s3_proxy)
+    helpers.reconnect(m, s3_proxy)
     helpers.wait_for(lambda: s3_keys(s3, bucket) == {"f.txt", "b.txt"}, timeout=30,
                      message="the queued renames to reach S3 after the remount")
     assert s3_bytes(s3, bucket, "f.txt") == b"v2\n"
