@@ -428,15 +428,25 @@ class Uploader:
 
     async def _apply(self, force: bool) -> dict:
         """Apply the pending changes in order. A change waits while its key has an earlier
-        change still failing (or, unless ``force``, backing off); without ``force`` the pass
-        stops at the first sign that S3 is unreachable."""
+        change still failing (or, unless ``force``, backing off), and a delete also waits while
+        any earlier upload does: a file renamed offline is deleted under its old name only once
+        S3 has it under the new one. Without ``force`` the pass stops at the first sign that S3
+        is unreachable."""
         result: dict[str, list] = {"uploaded": [], "failed": [], "conflicts": []}
         async with self._apply_lock:
             blocked: set[tuple[str, str]] = set()
+            uploads: set[tuple[str, str]] = set()  # keys of the uploads met so far
             now = time.monotonic()
             for j, obj in self._entries():
                 where = (j["bucket"], j["key"])
                 item = {"bucket": j["bucket"], "key": j["key"], "op": j["op"]}
+                if obj is not None:
+                    uploads.add(where)
+                elif j["op"] == "delete" and uploads & blocked:
+                    blocked.add(where)
+                    if force:
+                        result["failed"].append({**item, "error": "waits for an earlier upload"})
+                    continue
                 if where in blocked or (obj is not None and obj.unlinked):
                     continue
                 if obj is not None and obj.writers > 0:  # its close uploads it

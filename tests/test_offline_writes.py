@@ -17,6 +17,7 @@ import time
 import pytest
 
 import helpers
+from s3stashfs import control
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.expect_log("unreachable", "upload of .* failed")]
@@ -337,6 +338,32 @@ def test_queue_mode_rename_of_cached_files_to_new_names(mount, s3, bucket, s3_pr
         ("PUT", "sub/big.bin", None, "*"), ("DELETE", "big.bin", helpers.md5_hex(big), None)]
     assert sorted(os.listdir(m.path)) == ["renamed.txt", "sub"]
     assert os.stat(m.path / "renamed.txt").st_mtime_ns == mtime
+
+
+def test_a_renamed_file_leaves_its_old_name_only_once_s3_has_the_new_one(mount, s3, bucket,
+                                                                        s3_proxy):
+    """A rename queued offline is an upload of the new name and a delete of the old one: the
+    delete waits while the upload cannot go (here: the file is held open for writing), so S3
+    never has neither name."""
+    helpers.put_object(s3, bucket, "a.txt", b"alpha\n")
+    m = mount(bucket=bucket, extra_args=QUEUE, endpoint_url=s3_proxy.url)
+    assert (m.path / "a.txt").read_bytes() == b"alpha\n"
+    helpers.cut_off(m, s3_proxy)
+    os.rename(m.path / "a.txt", m.path / "b.txt")
+    with open(m.path / "b.txt", "ab") as held:
+        held.write(b"beta\n")
+        held.flush()
+        helpers.reconnect(m, s3_proxy)
+        # `s3stashfs sync`, asked from this process: a child process would close its inherited
+        # copy of `held` at exec, and that close uploads the file
+        r = control.request(m.cache_dir, {"cmd": "sync"})
+        failed = {(f["op"], f["key"]): f["error"] for f in r["failed"]}
+        assert "open for writing" in failed[("upload", "b.txt")], r
+        assert "earlier upload" in failed[("delete", "a.txt")], r
+        assert s3_keys(s3, bucket) == {"a.txt"}  # the old name stays while the new one waits
+    helpers.wait_for(lambda: s3_keys(s3, bucket) == {"b.txt"}, timeout=30,
+                     message="the rename to reach S3 once the file is closed")
+    assert s3.get_object(Bucket=bucket, Key="b.txt")["Body"].read() == b"alpha\nbeta\n"
 
 
 def test_queue_mode_rename_of_a_file_not_wholly_cached_fails_at_once(mount, s3, bucket, s3_proxy):
