@@ -96,18 +96,14 @@ def unmounted_cache(settings, cache_dir: Path):
         raise CommandError(f"{e}, which does not answer on its control socket; try again") from None
     try:
         import trio
-        cache = Cache(cache_dir, settings.origin, settings.file_mode, **cache_limits(settings))
+        cache = Cache(cache_dir, settings.origin, settings.file_mode, settings.cache_max_size,
+                      settings.cache_min_free)
         try:
             yield cache
         finally:
             trio.run(cache.close)
     finally:
         os.close(fd)
-
-
-def cache_limits(settings) -> dict:
-    return {k: getattr(settings, f"cache_{k}") for k in ("max_size", "min_free")
-            if hasattr(settings, f"cache_{k}")}
 
 
 def ask(cache_dir: Path, req: dict, on_progress=None):
@@ -133,23 +129,22 @@ def ask_or_local(settings, mountpoint: str | None, req: dict, local):
         return local(cache, cache_dir), False
 
 
-def pending_rows(cache) -> list[dict]:
-    """What a stopped mount left pending, read from the catalog, in the order it is applied:
-    dirty files without a journal row (older catalogs) first, then the journal."""
-    cat = cache.catalog
-    dirty = {(r.bucket, r.key): r for r in cat.dirty_rows(cache.origin)}
-    journal = cat.journal(cache.origin)
-    queued = {(j["bucket"], j["key"]) for j in journal if j["op"] == "upload"}
-    out = [{"op": "upload", "bucket": r.bucket, "key": r.key, "size": r.size,
-            "base_etag": r.base_etag, "since": None, "error": None}
-           for k, r in dirty.items() if k not in queued]
-    for j in journal:
-        row = dirty.get((j["bucket"], j["key"])) if j["op"] == "upload" else None
-        if j["op"] == "upload" and row is None:
-            continue  # uploaded; the row was not dropped yet
-        out.append({"op": j["op"], "bucket": j["bucket"], "key": j["key"],
-                    "size": row.size if row else None, "base_etag": j["base_etag"],
-                    "since": j["time"], "error": None})
+def pending(settings, cache) -> list[dict]:
+    """What a stopped mount left pending, as the mount's own uploader lists it (the journal,
+    and files with local changes; never local-only names), for every endpoint the cache
+    directory holds changes for: the settings at hand may name another. Needs no S3."""
+    import trio
+
+    from .cache import Cache
+    from .uploads import Uploader
+    out: list[dict] = []
+    for origin in sorted(cache.catalog.pending_origins()):
+        one = Cache(cache.dir, origin, settings.file_mode)
+        try:
+            one.load_dirty()
+            out += Uploader(None, one, 0, 0, settings.local_only).pending()
+        finally:
+            trio.run(one.close)
     return out
 
 
@@ -157,7 +152,7 @@ def pending_rows(cache) -> list[dict]:
 def cmd_status(settings, args) -> int:
     def local(cache, cache_dir):
         return {"mounted": False, "cache_dir": str(cache_dir), "endpoint": settings.origin,
-                "cache": cache.usage(), "pending": pending_rows(cache),
+                "cache": cache.usage(), "pending": pending(settings, cache),
                 "conflicts": cache.catalog.events("conflict", limit=100),
                 "errors": cache.catalog.events("error", limit=20)}
     st, _ = ask_or_local(settings, args.mountpoint, {"cmd": "status"}, local)
@@ -278,7 +273,7 @@ def cmd_pin(settings, args, pin: bool) -> int:
 
 def cmd_sync(settings, args) -> int:
     r, mounted = ask_or_local(settings, args.mountpoint, {"cmd": "sync"},
-                              lambda cache, cache_dir: (len(pending_rows(cache)), cache_dir))
+                              lambda cache, cache_dir: (len(pending(settings, cache)), cache_dir))
     if not mounted:
         n, cache_dir = r
         msg = (f"not mounted: {n} change(s) wait in {cache_dir} and are uploaded when it is "

@@ -147,7 +147,7 @@ class ControlServer:
             "online": conn.online,
             "since": conn.since,
             "cache_dir": str(m.settings.cache_dir),
-            "offline_writes": getattr(m.settings, "offline_writes", "refuse"),
+            "offline_writes": m.settings.offline_writes,
             "read_only": m.settings.read_only,
             "cache": cache.usage(),
             "pending": [] if m.settings.read_only else m.uploader.pending(),

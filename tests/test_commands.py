@@ -72,9 +72,18 @@ def test_status_lists_pending_and_sync_uploads_them(mount, s3, bucket, s3_proxy)
     assert (m.path / "old.txt").read_bytes() == b"old\n"
     helpers.cut_off(m, s3_proxy)
     (m.path / "new.txt").write_bytes(b"written offline\n")  # queued: close() succeeds
+    (m.path / ".new.txt.swp").write_bytes(b"an editor's swap file\n")  # local only
     st = cli_json(m.env, "status", m.path, code=3)
     assert [(p["op"], p["key"]) for p in st["pending"]] == [("upload", "new.txt")]
-    assert st["cache"]["dirty_objects"] == 1
+    assert st["cache"]["dirty_objects"] == 2
+
+    # unmounted (still offline), the cache directory says the same
+    m.unmount()
+    st = cli_json(m.env, "status", "--cache-dir", m.cache_dir, code=4)
+    assert [(p["op"], p["key"]) for p in st["pending"]] == [("upload", "new.txt")]
+    r = cli(m.env, "sync", "--cache-dir", m.cache_dir)
+    assert r.returncode == 4 and "1 change(s) wait" in r.stdout, r
+    m.remount()  # offline: the cache has something to serve
 
     # sync while S3 cannot be reached: nothing goes, the change stays pending, exit 1
     r = cli(m.env, "sync", m.path)

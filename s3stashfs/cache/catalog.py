@@ -145,6 +145,7 @@ class Catalog:
     def __init__(self, path: Path, file_mode: int):
         new = not path.exists()
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._journal_read: dict[str, list[dict]] = {}  # journal(origin), until it changes
         if new:
             os.chmod(path, file_mode)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -352,11 +353,13 @@ class Catalog:
     # ------------------------------------------------------------ the journal of pending changes
     # Changes S3 has not got yet, in the order they are to be applied: 'upload' (the dirty
     # object of that key; one row per key, moved to the end each time the file is closed),
-    # 'delete' (conditional on base_etag), 'mkdir' (key ends in '/').
+    # 'delete' (conditional on base_etag), 'mkdir' (key ends in '/'). Lookups ask for it
+    # often, so it is read once and kept until a change to it (every change goes through here).
 
     def journal_add(self, origin: str, bucket: str, key: str, op: str,
                     base_etag: str | None) -> int:
         """Append a change; an 'upload' replaces the key's earlier 'upload' row."""
+        self._journal_read.clear()
         with self._db:
             self._db.execute("BEGIN")
             if op == "upload":
@@ -369,20 +372,32 @@ class Catalog:
             return cur.fetchone()[0]
 
     def journal(self, origin: str) -> list[dict]:
-        """Pending changes in apply order: dicts with seq, bucket, key, op, base_etag, time."""
-        cols = ("seq", "bucket", "key", "op", "base_etag", "time")
-        return [dict(zip(cols, r)) for r in self._db.execute(
-            f"SELECT {','.join(cols)} FROM journal WHERE origin=? ORDER BY seq", (origin,))]
+        """Pending changes in apply order: dicts (not to be changed) with seq, bucket, key, op,
+        base_etag, time."""
+        rows = self._journal_read.get(origin)
+        if rows is None:
+            cols = ("seq", "bucket", "key", "op", "base_etag", "time")
+            rows = self._journal_read[origin] = [dict(zip(cols, r)) for r in self._db.execute(
+                f"SELECT {','.join(cols)} FROM journal WHERE origin=? ORDER BY seq", (origin,))]
+        return list(rows)
+
+    def pending_origins(self) -> set[str]:
+        """The endpoints this cache holds changes for that S3 has not got yet."""
+        return {o for (o,) in self._db.execute(
+            "SELECT origin FROM objects WHERE dirty=1 UNION SELECT origin FROM journal")}
 
     def journal_done(self, seq: int) -> None:
+        self._journal_read.clear()
         self._db.execute("DELETE FROM journal WHERE seq=?", (seq,))
 
     def journal_forget(self, origin: str, bucket: str, key: str, op: str) -> None:
+        self._journal_read.clear()
         self._db.execute("DELETE FROM journal WHERE origin=? AND bucket=? AND key=? AND op=?",
                          (origin, bucket, key, op))
 
     def journal_rekey(self, origin: str, bucket: str, key: str, new_key: str) -> None:
         """A dirty file was renamed: its pending upload goes to the new name."""
+        self._journal_read.clear()
         self._db.execute("UPDATE journal SET key=? WHERE origin=? AND bucket=? AND key=? AND "
                          "op='upload'", (new_key, origin, bucket, key))
 
@@ -393,6 +408,7 @@ class Catalog:
         whatever row that key had, the pending uploads of both keys go, and ``changes``
         ((key, op, base_etag), in order) are appended to the journal. Returns the data file
         of the row the new key had (for the caller to delete), or None."""
+        self._journal_read.clear()
         with self._db:
             self._db.execute("BEGIN")
             old = self._db.execute("SELECT id, file FROM objects WHERE origin=? AND bucket=? AND "
