@@ -179,15 +179,7 @@ class TcpProxy:
         except (OSError, ValueError):
             pass
         finally:
-            with self._lock:
-                try:
-                    self._conns.remove((client, None))
-                except ValueError:
-                    pass
-            try:
-                client.close()
-            except OSError:
-                pass
+            self._done((client, None))
 
     def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
         """Forward both ways until either side closes; while black-holed, forward nothing."""
@@ -217,12 +209,17 @@ class TcpProxy:
         except (OSError, ValueError):
             return
         finally:
-            with self._lock:
-                try:
-                    self._conns.remove((client, upstream))
-                except ValueError:
-                    pass
-            for s in (client, upstream):
+            self._done((client, upstream))
+
+    def _done(self, conn: tuple[socket.socket, socket.socket | None]) -> None:
+        """A connection ended: forget it and close its sockets."""
+        with self._lock:
+            try:
+                self._conns.remove(conn)
+            except ValueError:
+                pass
+        for s in conn:
+            if s is not None:
                 try:
                     s.close()
                 except OSError:
