@@ -205,14 +205,16 @@ def test_a_timeout_goes_offline_without_retrying(tmp_path):
 def test_a_metadata_call_stops_waiting_when_another_finds_s3_unreachable(tmp_path):
     st = make_store(tmp_path, None)
     release = threading.Event()
+    started = threading.Event()
     took = []
 
     def hung():  # a HEAD on a hung server: only its own timeout would end it
+        started.set()
         release.wait(30)
         return "late"
 
     def times_out():
-        time.sleep(0.2)
+        assert started.wait(10)  # the HEAD is waiting on S3 before this call finds it hung
         raise _classify(bexc.ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), "op")
 
     async def waiter():
