@@ -1,0 +1,158 @@
+"""Space: the cache's size limits, eviction, prune and clear, and what it holds.
+
+Size limits: the catalog keeps a running total of the bytes held. When it exceeds
+``max_size``, or the disk has less than ``min_free`` free, whole objects are evicted, least
+recently accessed first and index files last; never a dirty, pinned or in-use one (in use: in
+``_objects``, i.e. open, fetching, syncing or not yet recorded, or a retired version).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+
+import trio
+
+from .catalog import Candidate
+from .files import reserve_bytes
+from .objects import is_index
+
+log = logging.getLogger(__name__)
+
+LIMITS_INTERVAL = 10.0  # free space is checked this often even when nothing is fetched
+EVICT_BATCH = 64  # objects dropped between checkpoints (unlinks run on the trio thread)
+FILL_BATCH = 500  # rows of an older catalog sized between checkpoints
+
+
+class SpaceMixin:
+    """The Cache's limits and eviction (see ``Cache`` for the state it uses)."""
+
+    def disk_space(self) -> tuple[int, int]:
+        """(free, total) bytes of the cache's filesystem, as an unprivileged user sees them."""
+        st = os.statvfs(self._dir_fd)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+    def _excess(self, needed: int = 0) -> int:
+        """Bytes to evict so that ``needed`` more fit within both limits (<= 0: none)."""
+        free, total = self.disk_space()
+        excess = self._min_free(total) + needed - free
+        if self.max_size is not None and self.catalog.held_filled():
+            excess = max(excess, self.catalog.total_held() + needed - self.max_size)
+        return excess
+
+    def _min_free(self, fs_total: int) -> int:
+        """The free space eviction keeps: the setting, and never less than the reserve that
+        writes into the cache leave for the catalog (see check_reserve)."""
+        return max(self.min_free.of(fs_total), reserve_bytes(fs_total))
+
+    def _nudge(self) -> None:
+        self._limits_wanted.set()
+
+    async def _limits(self) -> None:
+        """Size an older catalog's rows, then keep the cache within its limits: when nudged
+        (blocks were recorded) and every LIMITS_INTERVAL (other programs fill disks too)."""
+        try:
+            last: int | None = 0
+            while not self.catalog.held_filled() and last is not None:
+                last = self.catalog.fill_held(last, FILL_BATCH)
+                await trio.sleep(0)
+        except sqlite3.Error as e:
+            log.error("sizing the cache failed: %s", e)
+        while True:
+            try:
+                await self.make_room()
+            except (OSError, sqlite3.Error) as e:
+                log.error("evicting from the cache failed: %s", e)
+            with trio.move_on_after(LIMITS_INTERVAL):
+                await self._limits_wanted.wait()
+            self._limits_wanted = trio.Event()
+
+    async def make_room(self, needed: int = 0) -> int:
+        """Evict until ``needed`` more bytes fit within the limits, or nothing more may go.
+        Returns the bytes evicted."""
+        excess = self._excess(needed)
+        if excess <= 0:
+            self._over_warned = False
+            return 0
+        freed = 0
+        for indexes in (False, True):  # index files only once nothing else is left
+            after = (float("-inf"), 0)
+            while freed < excess:
+                batch = self.catalog.evictable(after, EVICT_BATCH)
+                if not batch:
+                    break
+                after = (batch[-1].last_access, batch[-1].id)
+                for c in batch:
+                    if freed >= excess:
+                        break
+                    if is_index(c.key) == indexes and self._may_drop(c):
+                        self._drop(c)
+                        freed += c.held
+                await trio.sleep(0)
+        if freed:
+            log.info("cache: evicted %d bytes (least recently read first) to stay within its "
+                     "limits", freed)
+        if freed < excess and not self._over_warned:
+            self._over_warned = True
+            free, total = self.disk_space()
+            log.warning("cache: over its limits (holds %d bytes, max %s; %d bytes free on its "
+                        "disk, min %d) and nothing more can be evicted: the rest is dirty, "
+                        "pinned or in use", self.catalog.total_held(), self.max_size, free,
+                        self._min_free(total))
+        elif freed >= excess:
+            self._over_warned = False
+        return freed
+
+    def _may_drop(self, c: Candidate) -> bool:
+        """Not dirty, and not in use by this mount (open, fetching, syncing, unrecorded)."""
+        if c.dirty or c.file in self._busy_files:
+            return False
+        if c.origin == self.origin and (c.bucket, c.key) in self._objects:
+            return False
+        return not any(o.row.file == c.file for o in self._retired)
+
+    def _drop(self, c: Candidate) -> None:
+        """Forget the row's blocks, then delete its files (a crash in between leaves a file the
+        row claims nothing of). The row stays: listings and offline lookups still know it."""
+        self.catalog.drop_blocks(c.id)
+        self._unlink(c.file)
+
+    # ------------------------------------------------------------ maintenance
+    def usage(self) -> dict:
+        """What the cache holds (recorded blocks; the last second's fetches may be missing)."""
+        self._fill_now()
+        free, total = self.disk_space()
+        out = self.catalog.usage()
+        out.update(bytes=self.catalog.total_held(), max_size=self.max_size,
+                   min_free=self._min_free(total), disk_free=free, disk_total=total)
+        return out
+
+    def _fill_now(self) -> None:
+        last: int | None = 0
+        while not self.catalog.held_filled() and last is not None:
+            last = self.catalog.fill_held(last, 10 * FILL_BATCH)
+
+    def prune(self, older_than: float) -> dict:
+        """Drop the clean, unpinned objects not in use last accessed before ``older_than``
+        (epoch seconds), in every origin this cache directory holds."""
+        return self._drop_matching(older_than, include_pinned=False)
+
+    def clear(self, include_pinned: bool = False) -> dict:
+        """Drop every clean object not in use (and not pinned, unless ``include_pinned``)."""
+        return self._drop_matching(float("inf"), include_pinned)
+
+    def _drop_matching(self, before: float, include_pinned: bool) -> dict:
+        self._fill_now()
+        out = {"objects": 0, "bytes": 0, "kept_dirty": 0, "kept_pinned": 0, "kept_open": 0}
+        for c in self.catalog.holding(before):
+            if c.dirty:
+                out["kept_dirty"] += 1
+            elif c.pinned and not include_pinned:
+                out["kept_pinned"] += 1
+            elif not self._may_drop(c):
+                out["kept_open"] += 1
+            else:
+                self._drop(c)
+                out["objects"] += 1
+                out["bytes"] += c.held
+        return out
