@@ -46,6 +46,7 @@ class Cache(SpaceMixin, IntegrityMixin):
         self.max_size = max_size or None
         self.min_free = min_free
         self._limits_wanted = trio.Event()
+        self._sync_lock = trio.Lock()
         self._over_warned = False  # "over the limit, nothing evictable" is logged once
         self._sync_failed = ""  # the last sync error, logged once until a sync succeeds
         self._busy_files: set[str] = set()  # data files verify is reading
@@ -360,7 +361,13 @@ class Cache(SpaceMixin, IntegrityMixin):
             obj.syncing = False
 
     async def sync(self) -> None:
-        """fsync the data files with new blocks, then record those blocks in the catalog."""
+        """fsync the data files with new blocks, then record those blocks in the catalog.
+        One at a time: a caller that wants the figures current (``status``, ``pin``) must not
+        return while the periodic sync still has its objects' blocks on the way to the catalog."""
+        async with self._sync_lock:
+            await self._sync()
+
+    async def _sync(self) -> None:
         # an object whose file a fetching thread has opened but not yet handed over waits for
         # the next round
         objs = [o for o in list(self._objects.values()) + list(self._retired)
