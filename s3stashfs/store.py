@@ -273,13 +273,20 @@ def _classify(e: BaseException, what: str, answered: bool = False) -> S3StashErr
 
 
 def _botocore_answered(e: BaseException) -> bool:
-    """Had S3's status line come when a botocore call raised ``e``? botocore turns every
-    failure of sending a request and waiting for the answer's head into an HTTPClientError;
-    what it raises while reading the body of the answer is urllib3's own error, or its
-    ResponseStreamingError / IncompleteReadError."""
+    """Had S3's status line come when a botocore call raised ``e``? botocore reads the whole
+    answer of a call without a streaming body inside its send, and turns any failure there
+    into the same errors as a failure to connect or to get an answer's head (ConnectionClosed-
+    Error, ReadTimeoutError); what tells them apart is where urllib3 raised the error it wraps:
+    in its HTTPResponse, reading a body, or before."""
     if isinstance(e, (bexc.ResponseStreamingError, bexc.IncompleteReadError)):
         return True
-    return not isinstance(e, (bexc.HTTPClientError, bexc.ConnectionError))
+    err = (getattr(e, "kwargs", None) or {}).get("error", e)
+    tb = getattr(err, "__traceback__", None)
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == "urllib3.response":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class _Direct:
