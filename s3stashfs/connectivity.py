@@ -33,7 +33,9 @@ class Connectivity:
         # cancelled when the mount goes offline: calls that only wait for S3's answer, which
         # another call has just found will not come (see Store._run)
         self.waiting: set[trio.CancelScope] = set()
-        self.last_probe = float("-inf")  # trio.current_time() when a probe last ended
+        # trio.current_time() when the last on-demand probe ended (or the mount went offline);
+        # the background probe keeps its own pace and does not count
+        self.last_probe = float("-inf")
         self._probing: trio.Event | None = None  # set when the on-demand probe under way ends
 
     def unreachable(self, why: str) -> None:
@@ -101,5 +103,4 @@ class Connectivity:
                 await trio.sleep(delay)
                 if await probe():
                     self.reachable()
-                self._probed()
                 delay = min(delay * 2, PROBE_MAX)
