@@ -84,6 +84,9 @@ def test_unreachable_server_goes_offline_within_seconds_and_back(mode, bound, at
 
 
 def test_a_download_that_stalls_midway_fails_within_the_data_timeout(mount, s3, bucket, s3_proxy):
+    """The server goes silent in the middle of a download, for every connection: the stalled
+    body alone would be retried (S3 had answered; test_faults.py), but the GETs waiting for an
+    answer meanwhile find it hung, and the mount goes offline within the data timeout."""
     big = helpers.put_random_object(s3, bucket, "big.bin", 24 * MiB + 5)
     m = mount(bucket=bucket, endpoint_url=s3_proxy.url)
     start = 2 * MiB
