@@ -2,9 +2,10 @@
 
 boto3 is synchronous, so each call runs in a worker thread (``trio.to_thread.run_sync``) behind a
 ``CapacityLimiter``: one for metadata calls and one for data transfers, so a large read cannot
-starve ``ls``. Errors are classified here, once: unreachable / not found / changed / denied /
-throttled / other, as the domain exceptions of ``errors.py``. Retries with exponential backoff and
-full jitter live here too; the callers never retry.
+starve ``ls``. Errors are classified here, once: unreachable (no answer at all) / interrupted (an
+answer that broke off) / not found / changed / denied / throttled / other, as the domain
+exceptions of ``errors.py``. Retries with exponential backoff and full jitter live here too; the
+callers never retry. While offline, a call probes S3 on demand before failing (``recheck``).
 
 Threads only get bucket/key strings, file descriptors and bytes, and hand back values; they never
 touch the mount's tables. Progress during a download is reported through ``progress(offset)``,

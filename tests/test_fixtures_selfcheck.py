@@ -624,11 +624,14 @@ def test_s3_proxy_faults(s3_proxy, s3, bucket, moto_server):
 
     big = helpers.random_bytes(1 << 20, seed=6)
     s3.put_object(Bucket=bucket, Key="big.bin", Body=big)
-    via = make_s3_client(s3_proxy.url, connect_timeout=1, read_timeout=1,
+    via = make_s3_client(s3_proxy.url, connect_timeout=5, read_timeout=10,
                          retries={"total_max_attempts": 1})
+    # for answers held back: a busy moto still answers within this
+    quick = make_s3_client(s3_proxy.url, connect_timeout=5, read_timeout=2.5,
+                           retries={"total_max_attempts": 1})
 
-    def get(**kw):
-        return via.get_object(Bucket=bucket, Key="big.bin", **kw)["Body"]
+    def get(client=via, **kw):
+        return client.get_object(Bucket=bucket, Key="big.bin", **kw)["Body"]
 
     def forwarded() -> int:
         return len(moto_server.requests_since(mark, include_tests=True, key="big.bin"))
@@ -670,11 +673,11 @@ def test_s3_proxy_faults(s3_proxy, s3, bucket, moto_server):
     mark = moto_server.mark()
     f = s3_proxy.inject(Fault("hold", at=None, count=1))
     with pytest.raises(botocore.exceptions.ReadTimeoutError):
-        get()
+        get(quick)
     assert f.injected == 1 and forwarded() == 1
     s3_proxy.clear()
     f = s3_proxy.inject(Fault("hold", at=0.5, count=1))
-    body = get()
+    body = get(quick)
     got = b""
     with pytest.raises(botocore.exceptions.ReadTimeoutError):
         while True:
