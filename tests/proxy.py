@@ -374,7 +374,7 @@ class HttpProxy(TcpProxy):
         try:
             while link.exchange():
                 pass
-        except (_Gone, OSError, ValueError):
+        except (_Gone, OSError, ValueError, IndexError):  # ended, cut, or not HTTP after all
             pass
         finally:
             self._done((client, upstream))
