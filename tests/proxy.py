@@ -569,8 +569,8 @@ class _Link:
                               if fault.kind == "500" else (503, b"Slow Down", SLOWDOWN_BODY))
         head = (b"HTTP/1.1 %d %s\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n"
                 b"Connection: close\r\n\r\n" % (code, reason, len(body)))
+        self.p._settle(fault, True)  # counted before the client can see it
         self.send(self.client, head + (b"" if method == "HEAD" else body))
-        self.p._settle(fault, True)
 
     def _break(self, fault: Fault, answer: bytes, framing: tuple[str, int]) -> bool:
         kind = fault.kind
