@@ -184,7 +184,7 @@ class ControlServer:
         m = self.m
         targets = []
         for parts in paths:
-            if not m.store.connectivity.online:
+            if not m.store.connectivity.online and not await m.store.recheck():
                 raise Unreachable("S3 is unreachable: cannot pin now")
             targets += await self._targets(await self._resolve(parts))
         seen, unique = set(), []

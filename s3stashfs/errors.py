@@ -50,7 +50,8 @@ class NotSupported(S3StashError):
 
 
 class Unreachable(S3StashError):
-    """S3 could not be reached (connection refused or reset, DNS failure, timeout)."""
+    """S3 could not be reached: no answer at all (connection refused, or reset or closed before
+    a status line; DNS failure; no route; connect timeout; no answer within the timeout)."""
 
     errno = errno.ENETUNREACH
 
@@ -66,9 +67,27 @@ class Denied(S3StashError):
 
 
 class Throttled(S3StashError):
-    """S3 kept answering SlowDown / 503 after our retries."""
+    """S3 kept answering an error worth retrying (500, 503 SlowDown, 429...) after our retries.
+
+    EIO, not EAGAIN: on a blocking read or write of a regular file, EAGAIN tells a program
+    "would block, try again": some retry at once in a tight loop (hammering a server that asked
+    us to slow down), most treat it as an error they do not expect. EIO is what a disk that
+    fails gives, and every tool reports it. The mount stays online: S3 answered."""
 
     errno = errno.EIO
+
+
+class Interrupted(S3StashError):
+    """S3 answered, but the transfer broke off after its status line: a body shorter than its
+    Content-Length, a connection reset or closed in the middle of a body, or a body that stalled
+    longer than the data timeout. Retried; then EIO for that request alone. The mount stays
+    online: a server that answers is not unreachable."""
+
+    errno = errno.EIO
+
+    def __init__(self, message: str = "", *, stalled: bool = False):
+        super().__init__(message)
+        self.stalled = stalled  # the body stopped coming: the data timeout was waited out
 
 
 class Changed(S3StashError):

@@ -7,7 +7,9 @@ window that doubles with each sequential read, up to MAX_WINDOW, fetched as para
 of at most CHUNK bytes that stream into the data file and wake readers as each piece lands.
 Concurrent readers of one block share one GET: a block is fetched by at most one Fetch at a time.
 When the mount goes offline, readers stop waiting for fetches still under way (they fail with
-Unreachable at once); those fetches end by their own timeout, and what they did bring is kept.
+Unreachable at once, unless an on-demand probe finds S3 back); those fetches end by their own
+timeout, and what they did bring is kept. A fetch that broke off after S3 answered is retried
+by the store from where it got to; only then does its reader get the error.
 """
 from __future__ import annotations
 
@@ -297,7 +299,7 @@ class Fetcher:
             failed = [f for f in fetches if f.done and f.error is not None]
             if failed:
                 raise _fresh_copy(failed[0].error)
-            if not self.store.connectivity.online:
+            if not self.store.connectivity.online and not await self.store.recheck():
                 raise Unreachable(f"s3://{obj.bucket}/{obj.key}: S3 is unreachable")
             if all(f.done for f in fetches):
                 if retried:

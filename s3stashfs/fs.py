@@ -177,7 +177,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         writing = bool(flags & _WRITE_FLAGS)
         if writing:
-            self._changing()
+            await self._changing()
         node = self.inodes.get(inode)
         if node.kind is not Kind.FILE:
             raise pyfuse3.FUSEError(errno.ELOOP if node.kind is Kind.SYMLINK else errno.EISDIR)
@@ -226,17 +226,20 @@ class Operations(pyfuse3.Operations):
     def _offline(self) -> bool:
         return not self.ns.store.connectivity.online
 
-    def _changing(self) -> None:
+    async def _changing(self) -> None:
         """A change is about to be made. Offline, with offline_writes=refuse (the default), it
-        fails at once and nothing changes; with queue it is made in the cache and queued."""
+        needs S3: it fails at once and nothing changes, unless an on-demand probe finds S3
+        back; with queue it is made in the cache and queued."""
         self._writable()
-        if self._offline and not self.uploader.queue_offline:
+        if (self._offline and not self.uploader.queue_offline
+                and not await self.ns.store.recheck()):
             raise Unreachable("S3 is unreachable, and changes are refused while offline "
                               "(offline_writes=refuse)")
 
-    def _online_only(self, what: str) -> None:
-        """Changes that are never queued: offline they fail at once, in both modes."""
-        if self._offline:
+    async def _online_only(self, what: str) -> None:
+        """Changes that are never queued: offline they fail at once, in both modes, unless an
+        on-demand probe finds S3 back."""
+        if self._offline and not await self.ns.store.recheck():
             raise Unreachable(f"S3 is unreachable: {what} is not queued while offline")
 
     def _remote_base(self, bucket: str, key: str, node: Node | None) -> str | None:
@@ -405,7 +408,7 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------ namespace changes
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
-        self._changing()
+        await self._changing()
         parent = self.inodes.get(parent_inode)
         text = self.ns.check_new_name(parent, name)
         existing = await self._maybe_lookup(parent, name)
@@ -429,7 +432,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def mkdir(self, parent_inode, name, mode, ctx):
-        self._changing()
+        await self._changing()
         parent = self.inodes.get(parent_inode)
         text = self.ns.check_new_name(parent, name)
         if await self._maybe_lookup(parent, name) is not None:
@@ -444,7 +447,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def rmdir(self, parent_inode, name, ctx):
-        self._changing()
+        await self._changing()
         parent = self.inodes.get(parent_inode)
         node = await self.ns.lookup(parent, name)
         if not node.kind.is_dir:
@@ -464,7 +467,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def unlink(self, parent_inode, name, ctx):
-        self._changing()
+        await self._changing()
         parent = self.inodes.get(parent_inode)
         node = await self.ns.lookup(parent, name)
         if node.kind.is_dir:
@@ -487,7 +490,7 @@ class Operations(pyfuse3.Operations):
         if h is not None and h.writable:
             self._writable()  # like a write(): a file open for writing takes it, even offline
         else:
-            self._changing()
+            await self._changing()
         node = self.inodes.get(inode)
         if not node.kind.is_object:
             if fields.update_size:
@@ -587,7 +590,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self._changing()
+        await self._changing()
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise NotSupported("RENAME_EXCHANGE")
         old_parent = self.inodes.get(parent_inode_old)
@@ -599,7 +602,7 @@ class Operations(pyfuse3.Operations):
         if node.kind.is_dir:
             # a directory's rename copies every key below it (S3 has no directories to move):
             # offline there is no way to copy what the cache does not hold, so it is not queued
-            self._online_only("the rename of a directory")
+            await self._online_only("the rename of a directory")
         target = await self._maybe_lookup(new_parent, name_new)
         if target is not None:
             if flags & pyfuse3.RENAME_NOREPLACE:
@@ -709,7 +712,7 @@ class Operations(pyfuse3.Operations):
     async def symlink(self, parent_inode, name, target, ctx):
         """An object holding the target, with S_IFLNK in x-amz-meta-mode: what s3fs writes and
         reads, so each tool follows the other's links."""
-        self._changing()
+        await self._changing()
         parent = self.inodes.get(parent_inode)
         text = self.ns.check_new_name(parent, name)
         if await self._maybe_lookup(parent, name) is not None:
@@ -742,7 +745,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        self._changing()
+        await self._changing()
         raise NotSupported("only regular files and directories can be created")
 
     # ------------------------------------------------------------ the rest
@@ -804,7 +807,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def _change_xattr(self, inode, name, value):
-        self._changing()
+        await self._changing()
         node = self.inodes.get(inode)
         text = name.decode("utf-8", "replace")
         if text.startswith("user.s3.") or not text.startswith("user."):

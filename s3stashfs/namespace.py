@@ -79,6 +79,10 @@ class Namespace:
         self._logged: set[tuple[str, str]] = set()
         self._listing_locks: dict[int, trio.Lock] = {}
 
+    @property
+    def _offline(self) -> bool:
+        return not self.store.connectivity.online
+
     def _fresh(self, at: float) -> bool:
         return self.ttl > 0 and time.monotonic() - at < self.ttl
 
@@ -112,6 +116,11 @@ class Namespace:
             node = self.inodes.child(parent, name, kind_of(info), parent.bucket, parent.key + text)
             self._set_info(node, info, from_head=True)
             return node
+        if self._offline:
+            try:  # what the mount knows is the answer, without waiting for a probe
+                return self._offline_lookup(parent, name, text)
+            except Unreachable:
+                pass  # only S3 knows: the store asks it now if its last probe is old
         try:
             node = await (self._lookup_bucket(parent, name, text) if parent.kind is Kind.ROOT
                           else self._lookup_key(parent, name, text))
@@ -193,6 +202,9 @@ class Namespace:
             if node.info_src == "head":
                 node.info_src = "used"
             return node.info
+        row = self.cache.catalog.get(self.cache.origin, node.bucket, node.key) if self._offline else None
+        if row is not None:
+            return row_info(row)  # offline: the cached version is served, no probe waited for
         try:
             info = await self.store.head_object(node.bucket, node.key)
         except Unreachable:
@@ -213,7 +225,13 @@ class Namespace:
             raise NotADirectory(repr(node))
         lock = self._listing_locks.setdefault(node.ino, trio.Lock())
         async with lock:  # concurrent `ls` of one directory share one listing
-            if node.listing is None or not self._fresh(node.listing_at):
+            if node.listing is None and self._offline:
+                try:  # what the mount knows, without waiting for a probe
+                    node.listing = Listing(self._offline_listing(node))
+                    node.listing_at = 0.0  # which is not S3's word: lookups still ask
+                except Unreachable:
+                    pass  # nothing known: the store asks S3 now if its last probe is old
+            if node.listing is None or (not self._fresh(node.listing_at) and not self._offline):
                 marker: list[str] = []
                 try:
                     children = await (self._list_buckets(node) if node.kind is Kind.ROOT

@@ -2,9 +2,10 @@
 
 boto3 is synchronous, so each call runs in a worker thread (``trio.to_thread.run_sync``) behind a
 ``CapacityLimiter``: one for metadata calls and one for data transfers, so a large read cannot
-starve ``ls``. Errors are classified here, once: unreachable / not found / changed / denied /
-throttled / other, as the domain exceptions of ``errors.py``. Retries with exponential backoff and
-full jitter live here too; the callers never retry.
+starve ``ls``. Errors are classified here, once: unreachable (no answer at all) / interrupted (an
+answer that broke off) / not found / changed / denied / throttled / other, as the domain
+exceptions of ``errors.py``. Retries with exponential backoff and full jitter live here too; the
+callers never retry. While offline, a call probes S3 on demand before failing (``recheck``).
 
 Threads only get bucket/key strings, file descriptors and bytes, and hand back values; they never
 touch the mount's tables. Progress during a download is reported through ``progress(offset)``,
@@ -18,6 +19,7 @@ import datetime
 import email.utils
 import errno
 import hashlib
+import http.client
 import logging
 import os
 import random
@@ -40,8 +42,8 @@ from botocore.config import Config
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
 from .connectivity import Connectivity
-from .errors import (ChecksumMismatch, Changed, Conflict, Denied, MountError, NotFound,
-                     S3StashError, StoreError, Throttled, Unreachable, first_error)
+from .errors import (ChecksumMismatch, Changed, Conflict, Denied, Interrupted, MountError,
+                     NotFound, S3StashError, StoreError, Throttled, Unreachable, first_error)
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,14 @@ def _conditions(base: str | None) -> dict[str, str]:
     return {"IfMatch": f'"{base}"'} if base else {"IfNoneMatch": "*"}
 
 
+def _answered_etag(what: str, r: dict) -> str:
+    """The ETag of a change S3 answered; none means the answer's head was cut short."""
+    etag = strip_etag(r.get("ETag") or "")
+    if not etag:
+        raise Interrupted(f"{what}: S3's answer has no ETag")
+    return etag
+
+
 def _conditional(what: str, base: str | None, e: S3StashError) -> S3StashError:
     """A failed condition is a conflict, not a changed download: S3 moved on (412), or the
     object the change was based on is gone (404 to If-Match)."""
@@ -187,34 +197,54 @@ def _conditional(what: str, base: str | None, e: S3StashError) -> S3StashError:
                         f"({'ETag ' + base if base else 'a new file'}): {e}")
     return e
 
-def _unreachable(e: BaseException, what: str) -> Unreachable | None:
-    """``e`` as Unreachable when it says S3 cannot be reached (refused, reset, closed mid-answer,
-    DNS failure, connect or read timeout), else None. Timeouts and DNS failures are not retried:
-    their wait is spent already, or the resolver has retried."""
-    msg = f"{what}: {type(e).__name__}: {e}"
+def _failure(e: BaseException) -> str | None:
+    """What kind of network failure ``e`` is: "dns", "timeout" or "broken"; None if it is no
+    network failure at all (an S3 error, a bug, a local disk error)."""
     # before the timeouts: urllib3's NewConnectionError (refused, no route, and
     # NameResolutionError) subclasses its ConnectTimeoutError, yet comes at once
-    if isinstance(e, urllib3.exceptions.NameResolutionError) or isinstance(e, socket.gaierror):
-        return Unreachable(msg, retry=False)
+    if isinstance(e, (urllib3.exceptions.NameResolutionError, socket.gaierror)):
+        return "dns"
     if isinstance(e, bexc.EndpointConnectionError):  # botocore's NewConnectionError / gaierror
         dns = isinstance(getattr(e, "kwargs", {}).get("error"),
                          (urllib3.exceptions.NameResolutionError, socket.gaierror))
-        return Unreachable(msg, retry=not dns)
+        return "dns" if dns else "broken"
     if isinstance(e, urllib3.exceptions.NewConnectionError):
-        return Unreachable(msg)
+        return "broken"
     if isinstance(e, (bexc.ConnectTimeoutError, bexc.ReadTimeoutError,
                       urllib3.exceptions.TimeoutError, TimeoutError)):
-        return Unreachable(msg, retry=False)
-    if isinstance(e, (bexc.ConnectionError, bexc.HTTPClientError, bexc.ResponseStreamingError,
-                      urllib3.exceptions.HTTPError, ConnectionError)):
-        return Unreachable(msg)
+        return "timeout"
+    if isinstance(e, (bexc.ConnectionError, bexc.HTTPClientError, bexc.IncompleteReadError,
+                      urllib3.exceptions.HTTPError, http.client.HTTPException, ConnectionError)):
+        return "broken"
     if isinstance(e, OSError) and e.errno in _NET_ERRNOS:
-        return Unreachable(msg)
+        return "broken"
     return None
 
 
-def _classify(e: BaseException, what: str) -> S3StashError:
-    """Turn a boto3/botocore/socket exception into a domain error."""
+def _unreachable(e: BaseException, what: str) -> Unreachable | None:
+    """``e``, met before any answer came (no status line), as Unreachable: refused, reset or
+    closed, DNS failure, connect timeout, or a server that accepted the connection and said
+    nothing within the timeout (hung). None when ``e`` is no network failure. Timeouts and DNS
+    failures are not retried: their wait is spent already, or the resolver has retried."""
+    kind = _failure(e)
+    if kind is None:
+        return None
+    return Unreachable(f"{what}: {type(e).__name__}: {e}", retry=kind == "broken")
+
+
+def _interrupted(e: BaseException, what: str) -> Interrupted | None:
+    """``e``, met while reading a body after S3's status line came, as Interrupted: the body
+    cut short, reset, or stalled past the data timeout. S3 answered, so it is reachable."""
+    kind = _failure(e)
+    if kind is None:
+        return None
+    return Interrupted(f"{what}: {type(e).__name__}: {e}", stalled=kind == "timeout")
+
+
+def _classify(e: BaseException, what: str, answered: bool = False) -> S3StashError:
+    """Turn a boto3/botocore/socket exception into a domain error. ``answered``: ``e`` came
+    while reading a body, after the status line (a network failure is then Interrupted, not
+    Unreachable)."""
     if isinstance(e, S3StashError):
         return e
     if isinstance(e, bexc.ClientError):
@@ -233,7 +263,7 @@ def _classify(e: BaseException, what: str) -> S3StashError:
         return Denied(f"{what}: no AWS credentials found")
     if isinstance(e, bexc.FlexibleChecksumError):
         return ChecksumMismatch(f"{what}: {e}")
-    net = _unreachable(e, what)
+    net = _interrupted(e, what) if answered else _unreachable(e, what)
     if net is not None:
         return net
     if isinstance(e, bexc.BotoCoreError):
@@ -241,6 +271,23 @@ def _classify(e: BaseException, what: str) -> S3StashError:
     if isinstance(e, OSError):  # writing the cache file failed (ENOSPC, EIO): not S3's fault
         raise e
     return StoreError(f"{what}: {type(e).__name__}: {e}")
+
+
+def _botocore_answered(e: BaseException) -> bool:
+    """Had S3's status line come when a botocore call raised ``e``? botocore reads the whole
+    answer of a call without a streaming body inside its send, and turns any failure there
+    into the same errors as a failure to connect or to get an answer's head (ConnectionClosed-
+    Error, ReadTimeoutError); what tells them apart is where urllib3 raised the error it wraps:
+    in its HTTPResponse, reading a body, or before."""
+    if isinstance(e, (bexc.ResponseStreamingError, bexc.IncompleteReadError)):
+        return True
+    err = (getattr(e, "kwargs", None) or {}).get("error", e)
+    tb = getattr(err, "__traceback__", None)
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == "urllib3.response":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class _Direct:
@@ -324,6 +371,8 @@ def _direct_result(r, what: str) -> dict:
             m = re.search(rb"<Code>([^<]+)</Code>", body)
             if m:
                 code = m.group(1).decode()
+        except Exception as e:  # noqa: BLE001 - the body broke off: the status says enough
+            log.debug("%s: reading the body of a %d answer: %s", what, r.status, e)
         finally:
             r.release_conn()
         if r.status == 304:
@@ -334,6 +383,7 @@ def _direct_result(r, what: str) -> dict:
     meta = {k[len("x-amz-meta-"):].lower(): v for k, v in h.items()
             if k.lower().startswith("x-amz-meta-")}
     out = {"ETag": h.get("ETag", ""), "ContentLength": int(h.get("Content-Length", 0)),
+           "ContentRange": h.get("Content-Range"),
            "Metadata": meta, "ServerSideEncryption": h.get("x-amz-server-side-encryption"),
            "SSECustomerAlgorithm": h.get("x-amz-server-side-encryption-customer-algorithm"),
            "Body": _DirectBody(r)}
@@ -345,6 +395,20 @@ def _direct_result(r, what: str) -> dict:
         if v:
             out[f"Checksum{algo}"] = v
     return out
+
+
+def _check_range(what: str, r: dict, start: int, end: int) -> None:
+    """The answer to a ranged GET must be the bytes asked for: written at their offsets, any
+    others would be served as the wrong part of the file."""
+    cr = r.get("ContentRange")
+    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", cr.strip()) if cr else None
+    if m is not None and (int(m.group(1)), int(m.group(2)) + 1) == (start, end):
+        return
+    if cr is None and start == 0 and r.get("ContentLength") == end:
+        return  # the whole object, which is the range asked for
+    r["Body"].close()
+    raise StoreError(f"{what}: S3 answered {cr or 'the whole object'} "
+                     f"({r.get('ContentLength')} bytes) to a GET of bytes={start}-{end - 1}")
 
 
 CHECKSUMS = ("CRC32", "SHA1", "SHA256")
@@ -414,32 +478,49 @@ class Store:
         self.connectivity = Connectivity()
         self._data = trio.CapacityLimiter(data_threads)
         self._meta = trio.CapacityLimiter(meta_threads)
+        # on-demand probes: their threads are abandoned after the connect timeout and end by
+        # the metadata one, so at most two linger, and metadata calls never wait for them
+        self._probes = trio.CapacityLimiter(2)
+        self.probe_bucket = settings.bucket
 
     # ---------------------------------------------------------------- retries
     async def _run(self, what: str, limiter, fn, *args, attempts: int = 5, probe: bool = False,
                    abandon: bool = False):
-        """Run ``fn`` in a worker thread; retry throttling with backoff and full jitter.
+        """Run ``fn`` in a worker thread; retry what is worth retrying, with backoff and full
+        jitter. The table of faults is docs/SEMANTICS.md's "Faults".
 
-        Unreachable: refused or reset connections are retried twice, quickly; a timeout or a
-        DNS failure is not (``retry`` False: its wait is spent); then the mount goes offline.
-        A call that finds the mount gone offline meanwhile gives up without retrying, and with
-        ``abandon`` (calls that only read S3 and touch no local state: HEAD, LIST) stops
-        waiting for its thread at once. While the mount is offline, fail at once: only the
-        connectivity probe asks S3."""
-        if not self.connectivity.online and not probe:
+        S3 answered (Throttled: 5xx, SlowDown, 429; Interrupted: a body cut short, reset or
+        stalled): up to ``attempts`` tries, then the error goes to this request alone; the
+        mount stays online. A stalled body is tried twice at most, each try having waited out
+        the data timeout. ``fn`` must make each try pick up where the last one got to.
+
+        No answer (Unreachable): refused or reset connections are retried twice, quickly; a
+        timeout or a DNS failure is not (``retry`` False: its wait is spent); then the mount goes
+        offline. A call that finds the mount gone offline meanwhile gives up without retrying,
+        and with ``abandon`` (calls that only read S3 and touch no local state: HEAD, LIST)
+        stops waiting for its thread at once. While the mount is offline a call first probes
+        on demand (``recheck``), and fails at once unless S3 answers it."""
+        if not self.connectivity.online and not probe and not await self.recheck():
             raise self._offline(what)
         delay = 0.1
+        unreachable = stalls = 0
         for attempt in range(attempts):
             try:
                 if abandon and not probe:
                     return await self._until_offline(what, limiter, fn, args)
-                return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
-            except (Throttled, Unreachable) as e:
+                return await trio.to_thread.run_sync(fn, *args, limiter=limiter,
+                                                     abandon_on_cancel=probe)
+            except (Throttled, Interrupted, Unreachable) as e:
                 if isinstance(e, Unreachable) and not probe:
                     if not self.connectivity.online:
                         raise  # another call found S3 unreachable: no more waiting
-                    if not e.retry or attempt >= 2:
+                    unreachable += 1
+                    if not e.retry or unreachable >= 3:
                         self.connectivity.unreachable(str(e))
+                        raise
+                if isinstance(e, Interrupted) and e.stalled:
+                    stalls += 1
+                    if stalls >= 2:
                         raise
                 if attempt == attempts - 1:
                     raise
@@ -449,6 +530,13 @@ class Store:
                 if not self.connectivity.online and not probe:
                     raise self._offline(what) from e
         raise AssertionError("unreachable")
+
+    async def recheck(self) -> bool:
+        """Offline, and a request needs S3: probe now rather than wait for the background probe
+        (bounded by the connect timeout; shared; see ``Connectivity.recheck``). True when
+        online."""
+        return await self.connectivity.recheck(
+            lambda: self.probe(self.probe_bucket, self._probes), self.timeouts.connect)
 
     def _offline(self, what: str) -> Unreachable:
         since = time.strftime("%H:%M:%S", time.localtime(self.connectivity.since))
@@ -493,7 +581,7 @@ class Store:
         try:
             return getattr(self._clients[kind], method)(**kwargs)
         except Exception as e:  # noqa: BLE001 - classified, never swallowed
-            raise _classify(e, what) from e
+            raise _classify(e, what, answered=_botocore_answered(e)) from e
 
     # ---------------------------------------------------------------- metadata
     def _info_from_head(self, r) -> ObjectInfo:
@@ -526,8 +614,9 @@ class Store:
                 return False
         return await self._run(what, self._meta, call, abandon=True)
 
-    async def probe(self, bucket: str | None) -> bool:
-        """Does S3 answer? (One request, no retries: the connectivity probe.)"""
+    async def probe(self, bucket: str | None, limiter: trio.CapacityLimiter | None = None) -> bool:
+        """Does S3 answer? (One request, no retries: the connectivity probe; its thread is
+        abandoned if the caller stops waiting.)"""
         def call():
             if bucket:
                 try:
@@ -537,7 +626,7 @@ class Store:
             else:
                 self._call("probe", "list_buckets")
         try:
-            await self._run("probe", self._meta, call, attempts=1, probe=True)
+            await self._run("probe", limiter or self._meta, call, attempts=1, probe=True)
             return True
         except Unreachable:
             return False
@@ -576,23 +665,30 @@ class Store:
         """GET bytes [start, end) of the version ``etag`` into ``fd`` at the same offsets.
 
         ``progress(offset)`` is called from the worker thread after each piece is written.
-        If-Match pins the version: a changed object raises Changed, never mixes bytes."""
+        If-Match pins the version: a changed object raises Changed, never mixes bytes. A try
+        that broke off is picked up where it got to: what was written and reported stays."""
         what = f"GET s3://{bucket}/{key} bytes={start}-{end - 1}"
+        reached = [start]  # the end of what has been written (and reported), across tries
 
         def call():
+            at = reached[0]
+            want = f"bytes={at}-{end - 1}"
             r = self._object_call(what, "get_object", bucket, key,
-                                  {"Range": f"bytes={start}-{end - 1}", "If-Match": f'"{etag}"'},
-                                  Range=f"bytes={start}-{end - 1}", IfMatch=f'"{etag}"')
+                                  {"Range": want, "If-Match": f'"{etag}"'},
+                                  Range=want, IfMatch=f'"{etag}"')
             got = strip_etag(r.get("ETag", etag))
             if got != etag:
+                r["Body"].close()
                 raise Changed(f"{what}: ETag is now {got}")
-            self._drain(what, r["Body"], fd, start, end, progress)
+            _check_range(what, r, at, end)
+            self._drain(what, r["Body"], fd, at, end, progress, reached=reached)
         await self._run(what, self._data, call)
 
     async def fetch_whole(self, bucket: str, key: str, etag: str, size: int,
                           fd: int | Callable[[], int], progress: Callable[[int], None]) -> int:
         """GET a whole (small) object, verify it against its ETag's MD5 (single-part uploads)
-        and S3's stored checksum (when it has one) before reporting any byte as present.
+        and S3's stored checksum (when it has one) before reporting any byte as present; a try
+        that broke off starts again from the first byte.
 
         ``fd`` may be a function that opens the file, called in the worker thread once S3 has
         answered; the descriptor written to is returned."""
@@ -627,7 +723,11 @@ class Store:
             raise
         return opened[0]
 
-    def _drain(self, what, body, fd, start, end, progress, digest=None, more_digests=()):
+    def _drain(self, what, body, fd, start, end, progress, digest=None, more_digests=(),
+               reached: list[int] | None = None):
+        """Write the body into ``fd`` from ``start``; it must be exactly ``end - start`` bytes.
+        ``reached[0]`` follows the end of what is written. Failures of the network here come
+        after S3's status line: Interrupted, never Unreachable."""
         pos = start
         try:
             while True:
@@ -641,6 +741,8 @@ class Store:
                     n = os.pwrite(fd, view, pos)
                     pos += n
                     view = view[n:]
+                    if reached is not None:
+                        reached[0] = pos
                 if digest is not None:
                     digest.update(chunk)
                 for d in more_digests:
@@ -649,17 +751,17 @@ class Store:
                     progress(pos)
         except S3StashError:
             raise
-        except OSError as e:
-            net = _unreachable(e, what)
+        except Exception as e:  # noqa: BLE001 - classified, or the cache's own disk error
+            net = _interrupted(e, what)
             if net is not None:
                 raise net from e
-            raise  # writing the cache file failed (ENOSPC, EIO): not S3's fault
-        except Exception as e:  # noqa: BLE001
-            raise _classify(e, what) from e
+            if isinstance(e, OSError):
+                raise  # writing the cache file failed (ENOSPC, EIO): not S3's fault
+            raise _classify(e, what, answered=True) from e
         finally:
             body.close()
         if pos != end:
-            raise Changed(f"{what}: got {pos - start} bytes, expected {end - start}")
+            raise Interrupted(f"{what}: the body ended after {pos - start} bytes of {end - start}")
 
     # ---------------------------------------------------------------- changes
     async def put_file(self, bucket: str, key: str, fd: int, size: int,
@@ -679,12 +781,34 @@ class Store:
                                Metadata=metadata, ContentMD5=base64.b64encode(md5.digest()).decode(),
                                **_conditions(base))
             except S3StashError as e:
-                raise _conditional(what, base, e) from None
-            etag = strip_etag(r.get("ETag", ""))
+                e = _conditional(what, base, e)
+                if isinstance(e, Conflict) and self._holds(what, bucket, key, md5.hexdigest(),
+                                                           metadata):
+                    return md5.hexdigest()
+                raise e from None
+            etag = _answered_etag(what, r)
             if is_md5_etag(etag) and etag != md5.hexdigest():
                 raise ChecksumMismatch(f"{what}: S3 stored MD5 {etag}, we sent {md5.hexdigest()}")
             return etag
         return await self._run(what, self._data, call)
+
+    def _holds(self, what: str, bucket: str, key: str, etag: str,
+               metadata: dict[str, str] | None) -> bool:
+        """Does S3 now hold exactly this version (ETag, and the metadata when given)? A change
+        whose answer was lost (reset after sending, a 500 after S3 had done it) may have been
+        made: its retry then fails its own condition (412 to If-None-Match: *, or NoSuchUpload),
+        which is our success, not a conflict."""
+        try:
+            info = self._info_from_head(self._object_call(f"{what} (check)", "head_object",
+                                                          bucket, key, {}))
+        except NotFound:
+            return False
+        mine = info.etag == etag and (
+            metadata is None or dict(info.metadata) == {k.lower(): v for k, v in metadata.items()})
+        if mine:
+            log.info("%s: S3 already holds this version (ETag %s): an earlier try's answer was "
+                     "lost", what, etag)
+        return mine
 
     async def multipart_upload(self, bucket: str, key: str, fd: int, size: int, part_size: int,
                                metadata: dict[str, str], base: str | None = None) -> str:
@@ -722,7 +846,7 @@ class Store:
             rr = self._call(what, "upload_part", kind="write", Bucket=bucket, Key=key,
                             UploadId=upload_id, PartNumber=n, Body=data,
                             ContentMD5=base64.b64encode(md5.digest()).decode())
-            etag = strip_etag(rr.get("ETag", ""))
+            etag = _answered_etag(what, rr)
             if etag != md5.hexdigest():
                 raise ChecksumMismatch(f"{what}: S3 stored MD5 {etag}")
             return md5.digest(), etag
@@ -737,24 +861,37 @@ class Store:
         and a completed upload cannot be taken back."""
         what = f"multipart upload of s3://{bucket}/{key}"
         listed = [{"ETag": f'"{e}"', "PartNumber": i + 1} for i, (_, e) in enumerate(parts)]
+        joined = hashlib.md5(b"".join(d for d, _ in parts), usedforsecurity=False).hexdigest()
+        expected = f"{joined}-{len(parts)}"
         if base:
             head = await self.head_object(bucket, key)
+            if head is not None and head.etag == expected:
+                # an earlier completion of these very parts went through, its answer lost
+                log.info("%s: S3 already holds this version (ETag %s)", what, expected)
+                await self.abort_multipart(bucket, key, upload_id)
+                return expected
             if head is None or head.etag != base:
                 raise Conflict(f"{what}: S3 no longer has the version this change was based on "
                                f"(ETag {base}; now {head.etag if head else 'no object'})")
 
         def call():
             try:
-                return self._call(what, "complete_multipart_upload", kind="write",
-                                  Bucket=bucket, Key=key,
-                                  UploadId=upload_id, MultipartUpload={"Parts": listed},
-                                  **_conditions(base))
+                r = self._call(what, "complete_multipart_upload", kind="write",
+                               Bucket=bucket, Key=key,
+                               UploadId=upload_id, MultipartUpload={"Parts": listed},
+                               **_conditions(base))
             except S3StashError as e:
-                raise _conditional(what, base, e) from None
+                e = _conditional(what, base, e)
+                # NoSuchUpload: an earlier try completed it (or it was aborted: then not ours)
+                if isinstance(e, (Conflict, NotFound)) and self._holds(what, bucket, key,
+                                                                       expected, None):
+                    return {"ETag": expected, "refused": isinstance(e, Conflict)}
+                raise e from None
+            return {"ETag": _answered_etag(what, r)}
         r = await self._run(what, self._meta, call)
+        if r.get("refused"):  # an earlier upload of the same parts is in S3; not this one
+            await self.abort_multipart(bucket, key, upload_id)
         etag = strip_etag(r.get("ETag", ""))
-        joined = hashlib.md5(b"".join(d for d, _ in parts), usedforsecurity=False).hexdigest()
-        expected = f"{joined}-{len(parts)}"
         if etag != expected:
             raise ChecksumMismatch(f"{what}: S3 made ETag {etag}, the parts make {expected}")
         return etag

@@ -126,6 +126,7 @@ class Uploader:
         self._apply_lock = trio.Lock()
         self._op_retry: dict[int, tuple[float, float]] = {}  # journal seq -> (retry at, delay)
         self._op_error: dict[int, str] = {}
+        self._next_try: float | None = None  # monotonic time the next pending change is due
         self.nursery: trio.Nursery | None = None  # set by run(): part uploads outlive writes
 
     @property
@@ -436,7 +437,7 @@ class Uploader:
         async with self._apply_lock:
             blocked: set[tuple[str, str]] = set()
             uploads: set[tuple[str, str]] = set()  # keys of the uploads met so far
-            now = time.monotonic()
+            due: list[float] = []  # when what this pass left for later is to be tried
             for j, obj in self._entries():
                 where = (j["bucket"], j["key"])
                 item = {"bucket": j["bucket"], "key": j["key"], "op": j["op"]}
@@ -456,8 +457,9 @@ class Uploader:
                                                  "uploaded when closed"})
                     continue
                 retry_at = obj.retry_at if obj is not None else self._op_retry.get(j["seq"], (0, 0))[0]
-                if not force and retry_at > now:
+                if not force and retry_at > time.monotonic():  # (a pass may take a while)
                     blocked.add(where)
+                    due.append(retry_at)
                     continue
                 try:
                     if obj is not None:
@@ -477,6 +479,8 @@ class Uploader:
                 except S3StashError as e:
                     blocked.add(where)
                     result["failed"].append({**item, "error": str(e)})
+                    due.append(obj.retry_at if obj is not None
+                               else self._op_retry.get(j["seq"], (0.0, 0.0))[0])
                     if isinstance(e, Unreachable) and not force:
                         break
                 except OSError as e:
@@ -486,6 +490,8 @@ class Uploader:
                               j["key"], e)
                     if obj is not None:
                         obj.retry_at = time.monotonic() + RETRY_MAX
+            if not force:
+                self._next_try = min(due, default=None)
         return result
 
     async def _apply_deletes(self, bucket: str, key: str) -> None:
@@ -554,13 +560,10 @@ class Uploader:
             if self.online:
                 await self._apply(force=False)
             if self.online:
-                # what was due was tried (or waits behind a change of its key that failed)
-                now = time.monotonic()
-                waits = [o.retry_at - now for o in self.cache.local_objects()
-                         if o.writers == 0 and o.uploaded_gen != o.gen
-                         and not self.is_local_only(o.key)]
-                waits += [at - now for at, _ in self._op_retry.values()]
-                timeout = max(min((w for w in waits if w > 0), default=RETRY_MAX), 0.05)
+                # what was due was tried (or waits behind a change of its key that failed); the
+                # rest is due when the pass said, even if that time came while the pass ran
+                nxt = self._next_try
+                timeout = RETRY_MAX if nxt is None else max(nxt - time.monotonic(), 0.05)
             else:
                 timeout = RETRY_MAX  # retry_now() wakes us when S3 answers
             with trio.move_on_after(timeout):

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import helpers` in 
 
 import biodata  # noqa: E402
 import helpers  # noqa: E402
-from proxy import TcpProxy  # noqa: E402
+from proxy import HttpProxy  # noqa: E402
 from helpers import S3Request, TEST_USER_AGENT_EXTRA, wait_for  # noqa: E402
 
 BIN_DIR = Path(sys.executable).parent  # the venv's bin/, not resolved through symlinks
@@ -498,11 +498,12 @@ def moto_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture
-def s3_proxy(moto_server: MotoServer) -> Iterator[TcpProxy]:
-    """A loopback TCP proxy in front of moto (tests/proxy.py): mount with
+def s3_proxy(moto_server: MotoServer) -> Iterator[HttpProxy]:
+    """A loopback proxy in front of moto (tests/proxy.py): mount with
     ``endpoint_url=s3_proxy.url``, then ``s3_proxy.set_mode("reset" | "blackhole" | "refuse"
-    | "pass")``. The tests' own boto3 client (``s3``) still talks to moto directly."""
-    proxy = TcpProxy(moto_server.host, moto_server.port)
+    | "pass")``, or break single requests with ``s3_proxy.inject(Fault(...))``. The tests' own
+    boto3 client (``s3``) still talks to moto directly."""
+    proxy = HttpProxy(moto_server.host, moto_server.port)
     try:
         yield proxy
     finally:

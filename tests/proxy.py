@@ -14,13 +14,23 @@ Modes:
 download that stalls mid-body. Going back to ``pass`` resets the black-holed connections (as a
 NAT dropping its state would) and forwards again. Everything runs in threads of this process;
 ``close()`` ends them all.
+
+``HttpProxy`` does all that, and understands HTTP/1.1 in ``pass`` mode (keep-alive,
+Content-Length and chunked bodies, ``Expect: 100-continue``, HEAD answers without a body), so
+that it can break single requests on purpose: ``inject(Fault(...))`` (see ``Fault``).
 """
 from __future__ import annotations
 
+import dataclasses
+import fcntl
+import random
 import select
 import socket
 import struct
+import termios
 import threading
+import time
+from typing import Callable
 
 MODES = ("pass", "reset", "blackhole", "refuse", "slowdown")
 SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -224,3 +234,384 @@ class TcpProxy:
                     s.close()
                 except OSError:
                     pass
+
+
+# ---------------------------------------------------------------------- HTTP-aware faults
+
+FAULT_KINDS = ("500", "503", "drop", "reset", "cut", "trickle", "hold")
+INTERNAL_ERROR_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
+                       b'<Message>We encountered an internal error. Please try again.</Message></Error>')
+
+
+@dataclasses.dataclass
+class Fault:
+    """One fault, injected into requests that ``when(method, path, headers)`` accepts (all
+    when None; ``headers`` lowercased), each with probability ``rate`` (drawn from the proxy's
+    seeded generator), at most ``count`` times (None: no limit).
+
+    kinds:
+    - ``500`` / ``503``: answered InternalError / SlowDown (S3's XML), not forwarded.
+    - ``drop``: forwarded (S3 acts on it), its answer read, then the connection reset before
+      any byte of it reaches the client: "did my PUT happen?"
+    - ``reset``: the answer's head and ``at`` of its body forwarded, then RST.
+    - ``cut``: the answer's head and ``at`` of its body forwarded, then FIN: a body shorter
+      than its Content-Length.
+    - ``trickle``: the body forwarded ``piece`` bytes at a time, ``pause`` seconds apart.
+    - ``hold``: forwarded, its answer never (``at`` None), or only its head and ``at`` of its
+      body (a stalled body): the client's timeout decides.
+    ``at``: a fraction of the body (float) or a number of bytes (int); at least one byte of the
+    body is always kept back. Body faults apply only to answers with a Content-Length body;
+    others pass untouched and are not counted. ``injected`` counts what was done."""
+
+    kind: str
+    rate: float = 1.0
+    count: int | None = None
+    when: Callable[[str, str, dict[str, str]], bool] | None = None
+    at: float | int | None = 0.5
+    piece: int = 16384
+    pause: float = 0.005
+    injected: int = 0
+    _reserved: int = 0
+
+    def __post_init__(self):
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"kind must be one of {FAULT_KINDS}")
+
+    @property
+    def needs_body(self) -> bool:
+        return self.kind in ("reset", "cut", "trickle") or (self.kind == "hold" and self.at is not None)
+
+    def keep(self, length: int) -> int:
+        """How many bytes of a body of ``length`` are forwarded before the fault."""
+        n = int(length * self.at) if isinstance(self.at, float) else int(self.at or 0)
+        return max(0, min(n, length - 1))
+
+
+class _Gone(Exception):
+    """The connection ended: a peer closed it, or the proxy cut it (set_mode, close)."""
+
+
+def _status(head: bytes) -> int:
+    return int(head.split(b" ", 2)[1])
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    out = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name:
+            out[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    return out
+
+
+def _framing(headers: dict[str, str], bodiless: bool) -> tuple[str, int]:
+    """How the message's body is delimited: ("length", n), ("chunked", 0) or ("close", 0)."""
+    if bodiless:
+        return "length", 0
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return "chunked", 0
+    if "content-length" in headers:
+        return "length", int(headers["content-length"])
+    return "close", 0
+
+
+class HttpProxy(TcpProxy):
+    """``TcpProxy`` whose ``pass`` mode speaks HTTP/1.1, to inject ``Fault``s per request.
+
+    ``inject(fault)`` adds a fault (the first one that accepts a request applies), ``clear()``
+    removes them; ``injected`` counts all faults done by kind, ``requests`` every request seen
+    as (method, path). Draws come from ``random.Random(seed)``, so a sequence of requests gets
+    the same faults each run."""
+
+    def __init__(self, upstream_host: str, upstream_port: int, host: str = "127.0.0.1",
+                 seed: int = 0):
+        self.faults: list[Fault] = []
+        self.injected: dict[str, int] = {}
+        self.requests: list[tuple[str, str]] = []
+        self._rng = random.Random(seed)
+        super().__init__(upstream_host, upstream_port, host)
+
+    def inject(self, fault: Fault | None = None, **kwargs) -> Fault:
+        """Add ``fault`` (or ``Fault(**kwargs)``); returns it, to read its ``injected``."""
+        fault = fault or Fault(**kwargs)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear(self, seed: int | None = None) -> None:
+        with self._lock:
+            self.faults = []
+            if seed is not None:
+                self._rng = random.Random(seed)
+
+    # ------------------------------------------------------------------ choosing
+    def _choose(self, method: str, path: str, headers: dict[str, str]) -> Fault | None:
+        with self._lock:
+            self.requests.append((method, path))
+            for f in self.faults:
+                if f.when is not None and not f.when(method, path, headers):
+                    continue
+                if f.count is not None and f.injected + f._reserved >= f.count:
+                    continue
+                if self._rng.random() >= f.rate:
+                    continue
+                f._reserved += 1
+                return f
+        return None
+
+    def _settle(self, fault: Fault, done: bool) -> None:
+        with self._lock:
+            fault._reserved -= 1
+            if done:
+                fault.injected += 1
+                self.injected[fault.kind] = self.injected.get(fault.kind, 0) + 1
+
+    # ------------------------------------------------------------------ the exchange
+    def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
+        """Requests and answers one after another on one connection (keep-alive), each
+        forwarded whole unless a fault is chosen for it; the TCP modes still apply."""
+        link = _Link(self, client, upstream)
+        try:
+            while link.exchange():
+                pass
+        except (_Gone, OSError, ValueError, IndexError):  # ended, cut, or not HTTP after all
+            pass
+        finally:
+            self._done((client, upstream))
+
+
+class _Link:
+    """One client connection and its upstream one, with what was read ahead on each."""
+
+    def __init__(self, proxy: HttpProxy, client: socket.socket, upstream: socket.socket):
+        self.p = proxy
+        self.client, self.upstream = client, upstream
+        self.conn = (client, upstream)
+        self.buf = {client: b"", upstream: b""}
+
+    # -- reading and writing, under the proxy's modes
+    def _alive(self) -> None:
+        if self.p._closed:
+            raise _Gone()
+        with self.p._lock:
+            if self.conn not in self.p._conns:
+                raise _Gone()  # cut by set_mode
+
+    def _wait_open(self) -> None:
+        """While black-holed: forward nothing, until the mode changes or the link is cut."""
+        self._alive()
+        while self.p.mode == "blackhole":
+            time.sleep(0.05)
+            self._alive()
+
+    def recv(self, s: socket.socket) -> bytes:
+        """Some bytes from ``s``; _Gone at its end."""
+        while True:
+            self._wait_open()
+            if self.buf[s]:
+                data, self.buf[s] = self.buf[s], b""
+                return data
+            ready, _, _ = select.select([s], [], [], 0.1)
+            if ready:
+                data = s.recv(65536)
+                if not data:
+                    raise _Gone()
+                return data
+
+    def read_head(self, s: socket.socket) -> bytes | None:
+        """One message head (through the blank line); None if ``s`` ended before any byte."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            try:
+                data += self.recv(s)
+            except _Gone:
+                if data:
+                    raise
+                return None
+        head, _, rest = data.partition(b"\r\n\r\n")
+        self.buf[s] = rest + self.buf[s]
+        return head + b"\r\n\r\n"
+
+    def send(self, s: socket.socket, data: bytes) -> bool:
+        """Forward ``data`` to ``s``; answers (to the client) spend the ``blackhole_after``
+        budget. False when the budget ran out (what is left of the answer is dropped)."""
+        self._wait_open()
+        whole = True
+        if s is self.client and self.p._budget is not None:
+            with self.p._lock:
+                if self.p._budget is not None:
+                    whole = len(data) <= self.p._budget
+                    data = data[:self.p._budget]
+                    self.p._budget -= len(data)
+                    if not self.p._budget:
+                        self.p._budget, self.p.mode = None, "blackhole"
+        if data:
+            s.sendall(data)
+        return whole
+
+    def relay(self, src: socket.socket, dst: socket.socket | None, framing: tuple[str, int],
+              limit: int | None = None, piece: int = 65536, pause: float = 0.0) -> bool:
+        """Forward a body from ``src`` to ``dst`` (None: read and drop it), or only its first
+        ``limit`` bytes. False when it could not all be forwarded (the end of ``src`` for a
+        close-delimited body counts as its end)."""
+        kind, n = framing
+        if kind == "chunked":
+            return self._relay_chunked(src, dst)
+        left = n if kind == "length" else None
+        sent = 0
+        while left is None or left > 0:
+            if limit is not None and sent >= limit:
+                return True
+            try:
+                data = self.recv(src)
+            except _Gone:
+                if left is None:
+                    return True
+                raise
+            if left is not None and len(data) > left:
+                self.buf[src] = data[left:] + self.buf[src]
+                data = data[:left]
+            if limit is not None and sent + len(data) > limit:
+                self.buf[src] = data[limit - sent:] + self.buf[src]
+                data = data[:limit - sent]
+            for i in range(0, len(data), piece):
+                if dst is not None and not self.send(dst, data[i:i + piece]):
+                    return False
+                if pause:
+                    time.sleep(pause)
+            sent += len(data)
+            if left is not None:
+                left -= len(data)
+        return True
+
+    def _relay_chunked(self, src: socket.socket, dst: socket.socket | None) -> bool:
+        def line() -> bytes:
+            data = b""
+            while b"\r\n" not in data:
+                data += self.recv(src)
+            first, _, rest = data.partition(b"\r\n")
+            self.buf[src] = rest + self.buf[src]
+            return first + b"\r\n"
+
+        def forward(data: bytes) -> bool:
+            return dst is None or self.send(dst, data)
+        while True:
+            size_line = line()
+            if not forward(size_line):
+                return False
+            size = int(size_line.split(b";")[0].strip(), 16)
+            if size == 0:
+                while True:  # trailers, then the blank line
+                    t = line()
+                    if not forward(t):
+                        return False
+                    if t == b"\r\n":
+                        return True
+            if not self.relay(src, dst, ("length", size + 2)):
+                return False
+
+    # -- one request and its answer
+    def exchange(self) -> bool:
+        """Forward one request and its answer, or break them as a fault says. True when the
+        connection may carry another request."""
+        head = self.read_head(self.client)
+        if head is None:
+            return False
+        method, path = head.split(b" ", 2)[:2]
+        method, path = method.decode("latin-1"), path.decode("latin-1")
+        req = _headers(head)
+        req_framing = _framing(req, bodiless=False)
+        if req_framing[0] == "close":
+            req_framing = ("length", 0)  # a request without a length has no body
+        expect = req.get("expect", "").lower() == "100-continue"
+        fault = self.p._choose(method, path, req)
+        if fault is not None and fault.kind in ("500", "503"):
+            if not expect:
+                self.relay(self.client, None, req_framing)
+            self._answer_error(fault, method)
+            return False
+        self.send(self.upstream, head)
+        closing = "close" in req.get("connection", "").lower()
+        answer = None
+        if expect:
+            answer = self.read_head(self.upstream)
+            if answer is None:
+                raise _Gone()
+            if _status(answer) == 100:
+                self.send(self.client, answer)
+                answer = None
+            else:
+                closing = True  # the client may send the body or not: this connection is done
+        if answer is None:
+            self.relay(self.client, self.upstream, req_framing)
+        while answer is None or 100 <= _status(answer) < 200:
+            if answer is not None:
+                self.send(self.client, answer)  # another interim answer
+            answer = self.read_head(self.upstream)
+            if answer is None:
+                raise _Gone()
+        status, res = _status(answer), _headers(answer)
+        framing = _framing(res, bodiless=method == "HEAD" or status in (204, 304))
+        closing = closing or "close" in res.get("connection", "").lower() or framing[0] == "close"
+        if fault is not None:
+            applies = not fault.needs_body or (framing[0] == "length" and framing[1] > 0)
+            self.p._settle(fault, applies)
+            if applies:
+                return self._break(fault, answer, framing)
+        if not self.send(self.client, answer):
+            self._wait_cut()
+        if not self.relay(self.upstream, self.client, framing):
+            self._wait_cut()
+        return not closing
+
+    def _answer_error(self, fault: Fault, method: str) -> None:
+        code, reason, body = ((500, b"Internal Server Error", INTERNAL_ERROR_BODY)
+                              if fault.kind == "500" else (503, b"Slow Down", SLOWDOWN_BODY))
+        head = (b"HTTP/1.1 %d %s\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n" % (code, reason, len(body)))
+        self.p._settle(fault, True)  # counted before the client can see it
+        self.send(self.client, head + (b"" if method == "HEAD" else body))
+
+    def _break(self, fault: Fault, answer: bytes, framing: tuple[str, int]) -> bool:
+        kind = fault.kind
+        if kind == "drop":
+            self._reset_client()
+            return False
+        if kind == "hold" and fault.at is None:
+            self._wait_cut()
+        self.send(self.client, answer)
+        if kind == "trickle":
+            self.relay(self.upstream, self.client, framing, piece=fault.piece, pause=fault.pause)
+            return False  # the upstream answer said close, or we say so: keep it simple
+        self.relay(self.upstream, self.client, framing, limit=fault.keep(framing[1]))
+        if kind == "hold":
+            self._wait_cut()
+        _drain_sent(self.client)
+        if kind == "reset":
+            self._reset_client()
+        else:  # cut: FIN, the client sees the body end early
+            self.client.shutdown(socket.SHUT_WR)
+        return False
+
+    def _reset_client(self) -> None:
+        _reset(self.client)
+        raise _Gone()
+
+    def _wait_cut(self) -> None:
+        """Forward nothing more; wait until the client gives up (closes) or the link is cut."""
+        while True:
+            self._alive()
+            ready, _, _ = select.select([self.client], [], [], 0.1)
+            if ready and not self.client.recv(65536):
+                raise _Gone()
+
+
+def _drain_sent(sock: socket.socket, timeout: float = 5.0) -> None:
+    """Wait until the kernel has handed what was sent on ``sock`` to the peer: a reset right
+    after would otherwise throw it away, and the client would see no answer at all."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        if not left:
+            return
+        time.sleep(0.005)

@@ -615,3 +615,170 @@ def test_s3_proxy_modes(s3_proxy, s3, bucket):
     assert s3_proxy.mode == "blackhole"
     s3_proxy.set_mode("pass")
     assert via.get_object(Bucket=bucket, Key="big.bin")["Body"].read() == big
+
+
+def test_s3_proxy_faults(s3_proxy, s3, bucket, moto_server):
+    """Each fault of the HTTP-aware proxy does what it says, to the requests it is meant for,
+    as often as it is told, and is counted; the rest pass untouched."""
+    from proxy import Fault
+
+    big = helpers.random_bytes(1 << 20, seed=6)
+    s3.put_object(Bucket=bucket, Key="big.bin", Body=big)
+    via = make_s3_client(s3_proxy.url, connect_timeout=5, read_timeout=10,
+                         retries={"total_max_attempts": 1})
+    # for answers held back: a busy moto still answers within this
+    quick = make_s3_client(s3_proxy.url, connect_timeout=5, read_timeout=2.5,
+                           retries={"total_max_attempts": 1})
+
+    def get(client=via, **kw):
+        return client.get_object(Bucket=bucket, Key="big.bin", **kw)["Body"]
+
+    def forwarded() -> int:
+        return len(moto_server.requests_since(mark, include_tests=True, key="big.bin"))
+
+    def read_all(body) -> bytes:
+        got = b""
+        while True:
+            chunk = body.read(10_000)
+            if not chunk:
+                return got
+            got += chunk
+
+    # 500 / 503: S3's XML error, nothing forwarded
+    for kind, code in (("500", "InternalError"), ("503", "SlowDown")):
+        mark = moto_server.mark()
+        f = s3_proxy.inject(Fault(kind, count=1))
+        with pytest.raises(botocore.exceptions.ClientError, match=code):
+            get()
+        assert f.injected == 1 and forwarded() == 0
+        assert get().read() == big  # the count is spent: forwarded again
+        s3_proxy.clear()
+    # reset and cut: the head and part of the body, then RST / FIN
+    got = b""
+    for kind, at, error in (("reset", 0.25, botocore.exceptions.ResponseStreamingError),
+                            ("cut", 300_000, botocore.exceptions.IncompleteReadError)):
+        f = s3_proxy.inject(Fault(kind, at=at, count=1))
+        body = get()
+        with pytest.raises(error):
+            got = read_all(body)
+        assert f.injected == 1
+        s3_proxy.clear()
+    # trickle: all of it, in pieces with pauses
+    f = s3_proxy.inject(Fault("trickle", piece=64 * KiB, pause=0.02, count=1))
+    t = time.monotonic()
+    assert get().read() == big
+    assert time.monotonic() - t >= 15 * 0.02 and f.injected == 1
+    s3_proxy.clear()
+    # hold: the request is forwarded, its answer never (or its body stalls midway)
+    mark = moto_server.mark()
+    f = s3_proxy.inject(Fault("hold", at=None, count=1))
+    with pytest.raises(botocore.exceptions.ReadTimeoutError):
+        get(quick)
+    assert f.injected == 1 and forwarded() == 1
+    s3_proxy.clear()
+    f = s3_proxy.inject(Fault("hold", at=0.5, count=1))
+    body = get(quick)
+    got = b""
+    with pytest.raises(botocore.exceptions.ReadTimeoutError):
+        while True:
+            chunk = body.read(10_000)
+            assert chunk, "the body ended instead of stalling"
+            got += chunk
+    assert 0 < len(got) <= len(big) // 2 and got == big[:len(got)] and f.injected == 1
+    s3_proxy.clear()
+    # drop: S3 does it, the answer is lost
+    f = s3_proxy.inject(Fault("drop", count=1, when=lambda m, p, h: m == "PUT"))
+    with pytest.raises(botocore.exceptions.ConnectionClosedError):
+        via.put_object(Bucket=bucket, Key="dropped.txt", Body=b"made\n")
+    assert s3.get_object(Bucket=bucket, Key="dropped.txt")["Body"].read() == b"made\n"
+    assert f.injected == 1
+    s3_proxy.clear()
+    # only the requests a predicate accepts; a body fault skips answers without a body
+    f = s3_proxy.inject(Fault("cut", when=lambda m, p, h: "range" in h))
+    assert get().read() == big and via.head_object(Bucket=bucket, Key="big.bin")
+    assert f.injected == 0
+    with pytest.raises(botocore.exceptions.IncompleteReadError):
+        read_all(get(Range="bytes=0-99999"))
+    assert f.injected == 1
+    s3_proxy.clear()
+    # a rate, drawn from a seeded generator: the same requests get the same faults
+    outcomes = []
+    for _ in range(2):
+        s3_proxy.clear(seed=7)
+        f = s3_proxy.inject(Fault("503", rate=0.5, when=lambda m, p, h: m == "HEAD"))
+        run = []
+        for _ in range(16):
+            try:
+                via.head_object(Bucket=bucket, Key="big.bin")
+                run.append(True)
+            except botocore.exceptions.ClientError:
+                run.append(False)
+        assert f.injected == run.count(False)
+        outcomes.append(run)
+    assert outcomes[0] == outcomes[1] and 0 < outcomes[0].count(False) < 16
+    s3_proxy.clear()
+    assert s3_proxy.injected == {"500": 1, "503": 1 + sum(r.count(False) for r in outcomes),
+                                 "reset": 1, "cut": 2, "trickle": 1, "hold": 2, "drop": 1}
+
+
+def test_http_proxy_keeps_connections_alive_and_handles_expect_100_continue():
+    """moto closes every connection; a server that keeps them alive and answers
+    ``Expect: 100-continue`` (as S3 does) goes through the proxy the same way."""
+    import http.client
+    import http.server
+    import threading
+
+    from proxy import HttpProxy
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            body = b"x" * 5000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "5000")
+            self.end_headers()
+
+        def do_PUT(self):
+            n = int(self.headers["Content-Length"])
+            body = self.rfile.read(n)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proxy = HttpProxy("127.0.0.1", server.server_address[1])
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+        for method in ("GET", "HEAD", "GET"):
+            conn.request(method, "/k")
+            r = conn.getresponse()
+            assert r.status == 200 and r.read() == (b"x" * 5000 if method == "GET" else b"")
+        conn.putrequest("PUT", "/k")
+        conn.putheader("Content-Length", "11")
+        conn.putheader("Expect", "100-continue")
+        conn.endheaders()
+        sock = conn.sock
+        interim = sock.recv(100)  # the server's "go on", relayed before the body is sent
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+        sock.sendall(b"hello world")
+        r = conn.getresponse()
+        assert r.status == 200 and r.read() == b"hello world"
+        assert proxy.accepted == 1  # all of it on one connection
+        assert [m for m, _ in proxy.requests] == ["GET", "HEAD", "GET", "PUT"]
+        conn.close()
+    finally:
+        proxy.close()
+        server.shutdown()
+        server.server_close()

@@ -32,11 +32,13 @@ class FakeClient:
 
     def get_object(self, **kw):
         self.calls.append(kw)
-        data = self.data
-        if "Range" in kw:
+        data, extra = self.data, {}
+        if "Range" in kw:  # as S3 answers a ranged GET: 206 with Content-Range
             a, b = kw["Range"].removeprefix("bytes=").split("-")
             data = data[int(a):int(b) + 1]
-        return {"ETag": f'"{self.etag}"', "Body": Body(data), **self.extra}
+            extra["ContentRange"] = f"bytes {a}-{int(a) + len(data) - 1}/{len(self.data)}"
+        return {"ETag": f'"{self.etag}"', "Body": Body(data), "ContentLength": len(data),
+                **extra, **self.extra}
 
 
 def make_store(tmp_path, client):
@@ -131,7 +133,6 @@ def dns_error():
     (ConnectionResetError(errno.ECONNRESET, "reset"), True),
     (uexc.ProtocolError("Connection aborted.", ConnectionResetError(errno.ECONNRESET, "reset")), True),
     (bexc.ConnectionClosedError(endpoint_url="http://127.0.0.1:1"), True),
-    (bexc.ResponseStreamingError(error="Connection broken: IncompleteRead"), True),
     (OSError(errno.ENETUNREACH, "Network is unreachable"), True),
     (OSError(errno.EHOSTUNREACH, "No route to host"), True),
     # timeouts: the wait is spent already
@@ -292,3 +293,247 @@ def test_copy_above_the_copyobject_limit_uses_part_copies(moto_server, s3, bucke
     assert new_etag.endswith("-3")
     assert s3.get_object(Bucket=bucket, Key="copy.bin")["Body"].read() == data
     assert s3.head_object(Bucket=bucket, Key="copy.bin")["Metadata"] == {"project": "x"}
+
+
+# ------------------------------------------------------------------ faults of a server that answers
+def body_errors():
+    cut = uexc.IncompleteRead(1000, 2000)
+    return [
+        (uexc.ProtocolError("Connection broken: IncompleteRead", cut), False),
+        (uexc.ProtocolError("Connection broken: reset", ConnectionResetError(errno.ECONNRESET, "x")), False),
+        (bexc.ResponseStreamingError(error="Connection broken: IncompleteRead"), False),
+        (bexc.IncompleteReadError(actual_bytes=10, expected_bytes=20), False),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), False),
+        (uexc.ReadTimeoutError(None, None, "Read timed out."), True),  # stalled past the timeout
+        (bexc.ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), True),
+    ]
+
+
+@pytest.mark.parametrize("exc,stalled", body_errors())
+def test_a_body_broken_off_after_the_status_line_is_interrupted_not_unreachable(exc, stalled):
+    e = _classify(exc, "op", answered=True)
+    assert type(e) is errors.Interrupted and e.stalled is stalled
+    assert errors.errno_for(e) == errno.EIO
+
+
+def test_botocore_errors_are_told_apart_by_where_urllib3_raised_them():
+    """botocore wraps a failure reading a listing's body like a failure to connect; the wrapped
+    urllib3 error says where it came from."""
+    from s3stashfs.store import _botocore_answered
+
+    def raised_in_response_module():
+        ns = {"__name__": "urllib3.response", "uexc": uexc}
+        exec("def read():\n    raise uexc.ProtocolError('Connection broken: IncompleteRead')", ns)
+        try:
+            ns["read"]()
+        except uexc.ProtocolError as e:
+            return e
+
+    def raised_here():
+        try:
+            raise uexc.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))
+        except uexc.ProtocolError as e:
+            return e
+    body = bexc.ConnectionClosedError(endpoint_url="u", error=raised_in_response_module())
+    before = bexc.ConnectionClosedError(endpoint_url="u", error=raised_here())
+    assert _botocore_answered(body) and not _botocore_answered(before)
+    assert _botocore_answered(bexc.ResponseStreamingError(error="x"))
+    assert not _botocore_answered(bexc.EndpointConnectionError(endpoint_url="u"))
+
+
+def run_tries(tmp_path, fails):
+    """``_run`` on a call that raises ``fails`` every time: the error, how often the call was
+    made, and whether the store is still online."""
+    st = make_store(tmp_path, None)
+    calls = []
+
+    def call():
+        calls.append(1)
+        raise fails
+
+    async def go():
+        with pytest.raises(errors.S3StashError) as e:
+            await st._run("op", st._meta, call)
+        return e.value
+    return trio.run(go), len(calls), st.connectivity.online
+
+
+@pytest.mark.parametrize("fails,tries", [
+    (errors.Interrupted("cut short"), 5),
+    (errors.Throttled("503 SlowDown"), 5),
+    (errors.Interrupted("stalled", stalled=True), 2),  # each try waited out the data timeout
+])
+def test_a_server_that_answers_is_retried_then_fails_that_call_alone(tmp_path, fails, tries):
+    e, n, online = run_tries(tmp_path, fails)
+    assert (type(e), n, online) == (type(fails), tries, True)
+
+
+class BrokenBody(io.BytesIO):
+    """A body that breaks off (urllib3's IncompleteRead, as on a connection closed early)
+    after ``upto`` bytes."""
+
+    def __init__(self, data: bytes, upto: int):
+        super().__init__(data[:upto])
+        self.want = len(data)
+
+    def read(self, n=-1):
+        b = super().read(n)
+        if not b:
+            raise uexc.ProtocolError("Connection broken: IncompleteRead",
+                                     uexc.IncompleteRead(self.tell(), self.want - self.tell()))
+        return b
+
+
+def test_a_ranged_get_broken_off_resumes_where_it_got_to(tmp_path):
+    data = os.urandom(5 << 20)
+    client = FakeClient(data, "abc-2")
+    breaks = [3 << 20, 1 << 20]  # the first answer breaks off after 3 MiB, the second after 1
+
+    def get_object(**kw):
+        r = FakeClient.get_object(client, **kw)
+        if breaks:
+            body = r["Body"].getvalue()
+            r["Body"] = BrokenBody(body, breaks.pop(0))
+        return r
+    client.get_object = get_object
+    store = make_store(tmp_path, client)
+    fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o600)
+    seen = []
+
+    def progress(pos):  # never more than is written
+        assert os.fstat(fd).st_size >= pos and os.pread(fd, pos, 0) == data[:pos]
+        seen.append(pos)
+    try:
+        trio.run(store.fetch_range, "b", "k", "abc-2", 0, len(data), fd, progress)
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+    assert [c["Range"] for c in client.calls] == [
+        f"bytes=0-{len(data) - 1}", f"bytes={3 << 20}-{len(data) - 1}",
+        f"bytes={4 << 20}-{len(data) - 1}"]
+    assert all(c["IfMatch"] == '"abc-2"' for c in client.calls)
+    assert seen == sorted(seen) and seen[-1] == len(data)
+
+
+def test_a_ranged_answer_for_other_bytes_is_refused(tmp_path):
+    data = os.urandom(3000)
+    client = FakeClient(data, "abc-2")
+    client.extra = {"ContentRange": "bytes 0-999/3000"}  # a server that ignored the offset
+    fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(errors.StoreError, match="to a GET of bytes=1000-1999"):
+            trio.run(make_store(tmp_path, client).fetch_range, "b", "k", "abc-2", 1000, 2000,
+                     fd, lambda pos: None)
+        assert os.fstat(fd).st_size == 0  # nothing written
+    finally:
+        os.close(fd)
+
+
+class PutClient:
+    """S3 for put_object / head_object: ``lose`` answers are lost (the PUT is done, then the
+    connection is reset before the status line); conditions are checked like S3."""
+
+    def __init__(self, lose: int = 0):
+        self.lose = lose
+        self.objects: dict[str, tuple[str, dict]] = {}
+        self.puts = 0
+
+    def put_object(self, Key, Body, Metadata, IfNoneMatch=None, IfMatch=None, **kw):
+        self.puts += 1
+        have = self.objects.get(Key)
+        if (IfNoneMatch == "*" and have) or (IfMatch and (not have or f'"{have[0]}"' != IfMatch)):
+            raise client_error("PreconditionFailed", 412)
+        etag = hashlib.md5(Body).hexdigest()
+        self.objects[Key] = (etag, dict(Metadata))
+        if self.lose:
+            self.lose -= 1
+            raise bexc.ConnectionClosedError(endpoint_url="http://127.0.0.1:1")
+        return {"ETag": f'"{etag}"'}
+
+    def head_object(self, Key, **kw):
+        if Key not in self.objects:
+            raise client_error("404", 404)
+        etag, meta = self.objects[Key]
+        return {"ETag": f'"{etag}"', "ContentLength": 1, "Metadata": meta}
+
+
+def run_put(tmp_path, client, data, base):
+    store = make_store(tmp_path, client)
+    (tmp_path / "up").write_bytes(data)
+    fd = os.open(tmp_path / "up", os.O_RDONLY)
+    try:
+        return trio.run(store.put_file, "b", "k", fd, len(data), {"mtime": "12"}, base)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("base", ["", "old"])  # a new file (If-None-Match: *), a change (If-Match)
+def test_a_put_whose_answer_was_lost_is_no_conflict_on_retry(tmp_path, base):
+    client = PutClient(lose=1)
+    if base:
+        client.objects["k"] = ("old", {})
+    data = b"new bytes\n"
+    assert run_put(tmp_path, client, data, base) == hashlib.md5(data).hexdigest()
+    assert client.puts == 2  # the retry met its own success (412), found by a HEAD
+
+
+def test_a_put_that_meets_someone_elses_version_is_a_conflict(tmp_path):
+    client = PutClient()
+    client.objects["k"] = (hashlib.md5(b"theirs").hexdigest(), {"mtime": "12"})
+    with pytest.raises(errors.Conflict):
+        run_put(tmp_path, client, b"mine", "")
+    client.objects["k"] = (hashlib.md5(b"mine").hexdigest(), {"mtime": "99"})  # same bytes,
+    with pytest.raises(errors.Conflict):  # another writer's metadata: not ours either
+        run_put(tmp_path, client, b"mine", "")
+
+
+# ------------------------------------------------------------------ back online on demand
+def test_an_on_demand_probe_is_shared_bounded_and_not_repeated_within_a_second():
+    from trio.testing import MockClock
+
+    from s3stashfs.connectivity import RECHECK_AFTER, Connectivity
+    conn = Connectivity()
+    probes = []
+    answer = {"up": False}
+
+    async def probe():
+        probes.append(trio.current_time())
+        if answer["up"]:
+            return True
+        await trio.sleep_forever()  # a hung server: only the bound ends it
+
+    async def go():
+        conn.unreachable("test")
+        results = []
+
+        async def request():
+            t = trio.current_time()
+            results.append((await conn.recheck(probe, 2.0), trio.current_time() - t))
+        await trio.sleep(RECHECK_AFTER + 0.1)
+        async with trio.open_nursery() as n:  # a burst of 20 requests: one probe, 2 s
+            for _ in range(20):
+                n.start_soon(request)
+        assert len(probes) == 1 and len(results) == 20
+        assert all(not ok and took == pytest.approx(2.0) for ok, took in results)
+        assert not await conn.recheck(probe, 2.0)  # just failed: no new probe, at once
+        assert len(probes) == 1
+        answer["up"] = True
+        await trio.sleep(RECHECK_AFTER + 0.1)
+        assert await conn.recheck(probe, 2.0) and conn.online and len(probes) == 2
+    trio.run(go, clock=MockClock(autojump_threshold=0))
+
+
+def test_a_call_while_offline_probes_and_proceeds_when_s3_answers(tmp_path):
+    st = make_store(tmp_path, None)
+    probed = []
+
+    async def probe(bucket, limiter=None):
+        probed.append(bucket)
+        return True
+    st.probe = probe
+
+    async def go():
+        st.connectivity.unreachable("test")
+        await trio.sleep(1.1)  # the last probe (going offline) is more than a second old
+        return await st._run("op", st._meta, lambda: "answered")
+    assert trio.run(go) == "answered" and st.connectivity.online and len(probed) == 1

@@ -16,7 +16,8 @@ from helpers import MiB
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.expect_log("unreachable")]
 
-META_TIMEOUT = 5.0  # store.Timeouts defaults: a HEAD or LIST waits this long for an answer
+CONNECT_TIMEOUT = 2.0  # store.Timeouts defaults: connecting, and an on-demand probe, wait this long
+META_TIMEOUT = 5.0  # ...a HEAD or LIST this long for an answer
 DATA_TIMEOUT = 10.0  # ...and a download this long between two pieces of its body
 
 
@@ -29,12 +30,15 @@ def fails_enetunreach(fn) -> float:
     return time.monotonic() - t
 
 
-@pytest.mark.parametrize("mode,bound", [
-    ("reset", 2.0),  # refused at once: two quick retries, then offline
-    ("blackhole", META_TIMEOUT + 2.0),  # no answer: one metadata timeout, no retry
+@pytest.mark.parametrize("mode,bound,at_once", [
+    # refused at once: two quick retries, then offline; an on-demand probe is refused at once
+    ("reset", 2.0, 2.0),
+    # no answer: one metadata timeout, no retry; then a request may wait for an on-demand
+    # probe, which gives up after the connect timeout
+    ("blackhole", META_TIMEOUT + 2.0, CONNECT_TIMEOUT + 1.0),
 ])
-def test_unreachable_server_goes_offline_within_seconds_and_back(mode, bound, mount, s3, bucket,
-                                                                  s3_proxy):
+def test_unreachable_server_goes_offline_within_seconds_and_back(mode, bound, at_once, mount, s3,
+                                                                  bucket, s3_proxy):
     small = helpers.put_object(s3, bucket, "a.txt", b"cached small\n")
     big = helpers.put_random_object(s3, bucket, "big.bin", 3 * MiB + 7)
     helpers.put_object(s3, bucket, "sub/c.txt", b"c\n")
@@ -55,12 +59,13 @@ def test_unreachable_server_goes_offline_within_seconds_and_back(mode, bound, mo
     assert took < bound, f"{mode}: offline only after {took:.1f} s"
     offline_at = time.monotonic()
     # stays offline while S3 does not answer (for a hung server: after a probe has timed out,
-    # 0.5 s + META_TIMEOUT after going offline), and everything needing S3 fails at once
+    # 0.5 s + META_TIMEOUT after going offline), and everything needing S3 fails at once (or
+    # after the on-demand probe it waits for)
     i = 1
     while True:
-        assert fails_enetunreach(lambda: (m.path / f"u{i % 6}.txt").read_bytes()) < 2.0
-        assert fails_enetunreach(lambda: os.listdir(m.path / "other")) < 2.0
-        assert fails_enetunreach(lambda: os.stat(m.path / "never-heard-of")) < 2.0
+        assert fails_enetunreach(lambda: (m.path / f"u{i % 6}.txt").read_bytes()) < at_once
+        assert fails_enetunreach(lambda: os.listdir(m.path / "other")) < at_once
+        assert fails_enetunreach(lambda: os.stat(m.path / "never-heard-of")) < at_once
         # cached files read byte for byte; known directories list
         assert (m.path / "a.txt").read_bytes() == small.data
         assert helpers.md5_file(m.path / "big.bin") == big.md5
@@ -79,6 +84,9 @@ def test_unreachable_server_goes_offline_within_seconds_and_back(mode, bound, mo
 
 
 def test_a_download_that_stalls_midway_fails_within_the_data_timeout(mount, s3, bucket, s3_proxy):
+    """The server goes silent in the middle of a download, for every connection: the stalled
+    body alone would be retried (S3 had answered; test_faults.py), but the GETs waiting for an
+    answer meanwhile find it hung, and the mount goes offline within the data timeout."""
     big = helpers.put_random_object(s3, bucket, "big.bin", 24 * MiB + 5)
     m = mount(bucket=bucket, endpoint_url=s3_proxy.url)
     start = 2 * MiB
