@@ -142,7 +142,8 @@ def pending(settings, cache) -> list[dict]:
         one = Cache(cache.dir, origin, settings.file_mode)
         try:
             one.load_dirty()
-            out += Uploader(None, one, 0, 0, settings.local_only).pending()
+            # pending() reads the cache only: no store (and no S3) is needed
+            out += Uploader(None, one, 0, 0, settings.local_only).pending()  # type: ignore[arg-type]
         finally:
             trio.run(one.close)
     return out

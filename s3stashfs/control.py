@@ -18,12 +18,17 @@ import socket
 import struct
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from .errors import S3StashError, Unreachable
 from .inodes import Kind
 from .namespace import valid_name
+
+if TYPE_CHECKING:
+    from .cache import CachedObject
+    from .store import ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +170,7 @@ class ControlServer:
                 raise type(e)(f"{'/'.join(parts[:i + 1])}: {e}") from None
         return node
 
-    async def _targets(self, node) -> list[tuple[str, str, object]]:
+    async def _targets(self, node) -> list[tuple[str, str, ObjectInfo]]:
         """(bucket, key, ObjectInfo) of every object at or under ``node``."""
         if node.kind is Kind.ROOT:
             raise ControlError("name a bucket or a directory inside it, not the whole mount", 22)
@@ -193,8 +198,9 @@ class ControlServer:
                 seen.add((t[0], t[1]))
                 unique.append(t)
         total = sum(t[2].size for t in unique)
-        state = {"files": 0, "bytes": 0, "fetched": 0, "failed": []}
-        active: dict[tuple[str, str], object] = {}
+        state = {"files": 0, "bytes": 0, "fetched": 0}
+        failed: list[dict[str, str]] = []
+        active: dict[tuple[str, str], CachedObject] = {}
         t0 = time.monotonic()
         limiter = trio.CapacityLimiter(PIN_PARALLEL)
 
@@ -213,14 +219,14 @@ class ControlServer:
                     state["bytes"] += obj.size
                     state["fetched"] += obj.size - before
                 except S3StashError as e:
-                    state["failed"].append({"bucket": bucket, "key": key, "error": str(e)})
+                    failed.append({"bucket": bucket, "key": key, "error": str(e)})
                 finally:
                     del active[(bucket, key)]
                     m.cache.release(obj)
 
         async def report() -> None:
             await send({"progress": {
-                "files": state["files"] + len(state["failed"]), "files_total": len(unique),
+                "files": state["files"] + len(failed), "files_total": len(unique),
                 "bytes": state["bytes"] + in_flight(), "bytes_total": total,
                 "elapsed": time.monotonic() - t0}})
 
@@ -237,8 +243,8 @@ class ControlServer:
             outer.cancel_scope.cancel()
         await report()  # the bar ends where the work did
         log.info("pinned %d file(s), %d bytes (%d fetched), %d failed", state["files"],
-                 state["bytes"], state["fetched"], len(state["failed"]))
-        return {**state, "files_total": len(unique), "bytes_total": total,
+                 state["bytes"], state["fetched"], len(failed))
+        return {**state, "failed": failed, "files_total": len(unique), "bytes_total": total,
                 "seconds": time.monotonic() - t0}
 
     async def unpin(self, paths: list[list[str]]) -> dict:

@@ -700,7 +700,7 @@ class Operations(pyfuse3.Operations):
                 obj.row.base_etag = ""  # the target directory was empty
                 obj.changed_meta()
         await run_all(lambda _, item: store.delete_object(node.bucket, item[0]), keys)
-        for key, info in keys:
+        for key, _ in keys:
             self.cache.move(node.bucket, key, new_key + key[len(node.key):], None)
         self.uploader.kick()
 

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import enum
 import logging
+from typing import TYPE_CHECKING
 
 from .errors import NotFound
+
+if TYPE_CHECKING:
+    from .namespace import Listing
+    from .store import ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ class Node:
     __slots__ = ("ino", "parent", "name", "kind", "bucket", "key", "lookups", "info", "info_at",
                  "info_src", "listing", "listing_at", "gone")
 
-    def __init__(self, ino: int, parent: int, name: bytes, kind: Kind, bucket: str | None, key: str):
+    def __init__(self, ino: int, parent: int, name: bytes, kind: Kind, bucket: str, key: str):
         self.ino = ino
         self.parent = parent
         self.name = name
@@ -48,10 +53,10 @@ class Node:
         self.bucket = bucket
         self.key = key
         self.lookups = 0
-        self.info = None  # store.ObjectInfo of a FILE
+        self.info: ObjectInfo | None = None  # what S3 (or the cache) says of a FILE
         self.info_at = 0.0  # monotonic time ``info`` was learnt
         self.info_src = ""  # "list", "head" (not yet used by an open) or "used"
-        self.listing = None  # namespace.Listing of a directory
+        self.listing: Listing | None = None  # a directory's children
         self.listing_at = 0.0
         self.gone = False  # removed through the mount (unlink, rmdir); found again: False
 
@@ -63,7 +68,7 @@ class InodeTable:
     """Owns every Node. Lookup counts are the kernel's: ``lookup``/``create``/``mkdir`` and each
     ``readdir_reply`` add one, ``forget`` subtracts; ``forget`` never raises."""
 
-    def __init__(self, root_kind: Kind, bucket: str | None, prefix: str):
+    def __init__(self, root_kind: Kind, bucket: str, prefix: str):
         root = Node(ROOT_INODE, ROOT_INODE, b"", root_kind, bucket, prefix)
         root.lookups = 1
         self._nodes: dict[int, Node] = {ROOT_INODE: root}

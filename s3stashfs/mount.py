@@ -99,7 +99,7 @@ def lock_cache_dir(cache_dir: Path) -> int:
             raise
         other = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
-        raise MountError(f"cache directory {cache_dir} is in use by another mount (pid {other or '?'})")
+        raise MountError(f"cache directory {cache_dir} is in use by another mount (pid {other or '?'})") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -132,7 +132,7 @@ class Mount:
         if settings.bucket:
             root = (Kind.BUCKET, settings.bucket, settings.prefix)
         else:
-            root = (Kind.ROOT, None, "")
+            root = (Kind.ROOT, "", "")  # the bucket list: no bucket
         self.inodes = InodeTable(*root)
         queue = settings.offline_writes == "queue"
         self.ns = Namespace(self.store, self.cache, self.inodes, settings.metadata_ttl,

@@ -56,7 +56,7 @@ class Listing:
 
     def after(self, node: Node, n: int) -> tuple[int, list[Node]]:
         """(position of ``node``, the ``n`` children after it); (-1, []) if it is not here."""
-        if self._order is None:
+        if self._order is None or self._index is None:
             self._order = list(self.children.values())
             self._index = {c.ino: i for i, c in enumerate(self._order)}
         i = self._index.get(node.ino, -1)
@@ -141,10 +141,11 @@ class Namespace:
     async def _lookup_key(self, parent: Node, name: bytes, text: str) -> Node | None:
         """HEAD the key and LIST the prefix at the same time; the directory wins."""
         key = parent.key + text
-        found: dict[str, object] = {}
+        head_info: list[ObjectInfo | None] = [None]
+        found: dict[str, bool | str] = {}
 
         async def head():
-            found["head"] = await self.store.head_object(parent.bucket, key)
+            head_info[0] = await self.store.head_object(parent.bucket, key)
 
         async def as_dir():
             page = await self.store.list_page(parent.bucket, key + "/", max_keys=1)
@@ -158,7 +159,7 @@ class Namespace:
                 n.start_soon(as_dir)
         except BaseExceptionGroup as eg:
             raise first_error(eg) from None
-        info = found["head"]
+        info = head_info[0]
         if info is not None and (parent.bucket, key) in self.cache.pending_keys("delete"):
             info = None  # deleted while offline; the delete is on its way
         if found["dir"] == "marker" and (parent.bucket, key + "/") in self.cache.pending_keys("delete"):
@@ -198,7 +199,7 @@ class Namespace:
         if local is not None and local.dirty:
             return local_info(local)  # local changes win until they are uploaded
         fresh = node.info is not None and self._fresh(node.info_at)
-        if not force and fresh and node.info_src in ("list", "head"):
+        if not force and fresh and node.info is not None and node.info_src in ("list", "head"):
             if node.info_src == "head":
                 node.info_src = "used"
             return node.info

@@ -946,10 +946,11 @@ class Store:
             raise
         return strip_etag(r.get("ETag", ""))
 
-    async def list_all(self, bucket: str, prefix: str) -> list[ObjectInfo]:
+    async def list_all(self, bucket: str, prefix: str) -> list[tuple[str, ObjectInfo]]:
         """Every key under ``prefix``, at any depth (for renaming a directory)."""
         what = f"LIST s3://{bucket}/{prefix} (recursive)"
-        out, token = [], None
+        out: list[tuple[str, ObjectInfo]] = []
+        token = None
         while True:
             kwargs = {"Bucket": bucket, "Prefix": prefix}
             if token:

@@ -38,7 +38,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterator
+from collections.abc import Iterator
 
 KINDS = ("moto", "seaweedfs")
 HOST = "127.0.0.1"

@@ -62,7 +62,7 @@ class VcfFiles:
 
 def _run(cmd: list[str], timeout: float = 120.0, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        cmd, capture_output=True, stdin=subprocess.DEVNULL,
         timeout=timeout, **kwargs,
     )
     if result.returncode != 0:
@@ -171,8 +171,7 @@ def make_vcf(
 def samtools(*args: str | os.PathLike, timeout: float = 120.0) -> subprocess.CompletedProcess:
     """Run samtools unchecked (for tests that expect it to fail, e.g. offline)."""
     return subprocess.run(
-        ["samtools", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL, timeout=timeout,
+        ["samtools", *map(str, args)], capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout,
     )
 
 

@@ -33,7 +33,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 import pytest
 
@@ -592,7 +593,7 @@ class Mount:
     `allow_log_problems` marker) turns that off.
     """
 
-    factory: "MountFactory"
+    factory: MountFactory
     path: Path
     cache_dir: Path
     bucket: str | None
@@ -678,7 +679,8 @@ class Mount:
             )
         return result
 
-    def remount(self, *, extra_args: Sequence[str] | None = None, env: Mapping[str, str | None] | None = None, timeout: float = MOUNT_TIMEOUT) -> "Mount":
+    def remount(self, *, extra_args: Sequence[str] | None = None,
+                env: Mapping[str, str | None] | None = None, timeout: float = MOUNT_TIMEOUT) -> Mount:
         """Unmount (if mounted) and mount again: same mountpoint, cache dir and bucket;
         a new log file. `extra_args`/`env` replace/update the previous ones."""
         if self.mounted or self.is_mounted():
@@ -737,7 +739,8 @@ _DEFAULT = object()
 class MountFactory:
     """The `mount` fixture: call it to mount; everything is cleaned up at teardown."""
 
-    def __init__(self, request: pytest.FixtureRequest, moto_server: MotoServer, s3env: dict[str, str], workdir: Path, mnt_root: Path):
+    def __init__(self, request: pytest.FixtureRequest, moto_server: MotoServer, s3env: dict[str, str],
+                 workdir: Path, mnt_root: Path):
         self.request = request
         self.moto_server = moto_server
         self.s3env = s3env
@@ -946,7 +949,8 @@ def _mnt_root() -> Iterator[Path]:
 
 
 @pytest.fixture
-def mount(request: pytest.FixtureRequest, moto_server: MotoServer, s3env: dict[str, str], tmp_path: Path, _mnt_root: Path) -> Iterator[MountFactory]:
+def mount(request: pytest.FixtureRequest, moto_server: MotoServer, s3env: dict[str, str], tmp_path: Path,
+          _mnt_root: Path) -> Iterator[MountFactory]:
     """Factory: mount(bucket=None, extra_args=(), env=None, cache_dir=None) -> Mount
     (.path .cache_dir .log_file .pid .unmount() .remount() .expect_log()).
     mount.run(...) -> (Mount, CompletedProcess) for mounts expected to fail."""

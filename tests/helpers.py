@@ -16,7 +16,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 T = TypeVar("T")
@@ -206,8 +207,7 @@ def run(
     """Run a command with captured bytes output and a bounded wait."""
     result = subprocess.run(
         [str(c) for c in cmd],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         stdin=subprocess.DEVNULL,
         env=dict(env) if env is not None else None,
         timeout=timeout,

@@ -104,7 +104,7 @@ class TcpProxy:
                 _reset(upstream)
         self._thread.join(5)
 
-    def __enter__(self) -> "TcpProxy":
+    def __enter__(self) -> TcpProxy:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -133,8 +133,7 @@ def test_tabix_and_zcat_through_the_mount(mount, bucket, s3, moto_server, vcf_fi
 
     for tool in (["zcat"], ["gzip", "-dc"]):
         r = subprocess.run(
-            [*tool, str(mounted)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, timeout=60,
+            [*tool, str(mounted)], capture_output=True, stdin=subprocess.DEVNULL, timeout=60,
         )
         assert r.returncode == 0, r.stderr.decode(errors="replace")
         assert r.stdout == vcf.vcf.read_bytes(), tool

@@ -139,7 +139,7 @@ def test_ls_l_sends_no_request_per_file(mount, bucket, s3, moto_server):
     mark = moto_server.mark()
     r = subprocess.run(
         ["ls", "-l", "--time-style=long-iso", str(m.path / "fifty")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        capture_output=True, stdin=subprocess.DEVNULL,
         env={**os.environ, "LC_ALL": "C"}, timeout=60,
     )
     assert r.returncode == 0, r.stderr.decode(errors="replace")

@@ -260,7 +260,7 @@ def test_credentials_never_logged(mount, bucket, s3, s3env):
     text = m.log_text()
     assert "DEBUG" in text  # the debug log was really written
     assert s3env["AWS_SECRET_ACCESS_KEY"] not in text
-    assert not re.search(r"\b%s\b" % re.escape(s3env["AWS_ACCESS_KEY_ID"]), text)
+    assert not re.search(rf"\b{re.escape(s3env['AWS_ACCESS_KEY_ID'])}\b", text)
     assert "Authorization" not in text and "Signature=" not in text
 
 

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 import helpers
-from helpers import KiB, MiB
+from helpers import MiB
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -247,7 +247,7 @@ def test_write_then_rename(mount, s3, bucket, moto_server):
     assert s3_bytes(s3, bucket, "other.csv") == b"result"
     assert s3_keys(s3, bucket) == {"other.csv"}
     (m.path / "third.csv").write_bytes(b"third")
-    r = sh("mv -n third.csv other.csv", m.path)
+    sh("mv -n third.csv other.csv", m.path)
     assert s3_bytes(s3, bucket, "other.csv") == b"result"
 
 
