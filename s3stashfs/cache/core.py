@@ -279,6 +279,9 @@ class Cache(SpaceMixin, IntegrityMixin):
         if obj.idle():
             self._close_file(obj)
         else:
+            if obj.fd is not None and not obj.local_bytes:  # its files go next: keep its sums
+                self.ensure_sums(obj)
+                self._old_sums(obj)
             self._retired.add(obj)
 
     def ensure_open(self, obj: CachedObject) -> int:

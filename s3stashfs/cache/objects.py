@@ -117,6 +117,12 @@ class CachedObject:
     def dirty(self) -> bool:
         return self.row.dirty
 
+    @property
+    def local_bytes(self) -> bool:
+        """Its bytes are the user's, written through the mount: not in S3 yet (dirty), or no
+        longer anyone's (unlinked while open). They have no sums to check them against."""
+        return self.row.dirty or (self.unlinked and self.gen > 0)
+
     def idle(self) -> bool:
         """Nothing holds it in memory: not open, fetching, unsynced, or dirty."""
         return (self.opens == 0 and not self.inflight and not self.unsynced and not self.verifying
