@@ -110,6 +110,12 @@ class ChecksumMismatch(S3StashError):
     errno = errno.EIO
 
 
+class Damaged(ChecksumMismatch):
+    """Cached bytes failed their check (or had nothing to check them against): they were
+    dropped, and are fetched again while S3 answers. Offline, a read of them gets EIO, never
+    ENETUNREACH: the bytes are bad, that is the error."""
+
+
 class NoSpace(S3StashError):
     errno = errno.ENOSPC
 

@@ -10,6 +10,9 @@ When the mount goes offline, readers stop waiting for fetches still under way (t
 Unreachable at once, unless an on-demand probe finds S3 back); those fetches end by their own
 timeout, and what they did bring is kept. A fetch that broke off after S3 answered is retried
 by the store from where it got to; only then does its reader get the error.
+Every block written is summed (CRC32C) before it is reported present, and every read is checked
+against those sums (``Cache.read_checked``): a block that fails is fetched again, or, while S3
+cannot be reached, the read fails with EIO (Damaged).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import trio
 
 from .cache import (BLOCK_SIZE, SUMS_SUFFIX, Cache, CachedObject, Fetch, check_reserve, is_index,
                     md5_of, write_sums)
-from .errors import Changed, NoSpace, S3StashError, Unreachable
+from .errors import Changed, Damaged, NoSpace, S3StashError, Unreachable
 from .store import Store, is_md5_etag
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ MAX_WINDOW = 64 << 20
 SEQ_SLACK_MIN = 128 << 10  # how near the run's end a read must be to continue it...
 SEQ_SLACK_MAX = 8 << 20  # ...plus up to this much as the run grows (requests overtake)
 DISK_AHEAD = 16 << 20  # how far ahead a sequential reader has the cache file read from disk
+REFETCHES = 2  # times a read fetches blocks again that failed their check before it gives up
 
 
 class ReadState:
@@ -108,26 +112,54 @@ class Fetcher:
     def wants_whole(self, obj: CachedObject) -> bool:
         return obj.size <= SMALL_OBJECT or (is_index(obj.key) and obj.size <= INDEX_MAX)
 
-    async def read(self, obj: CachedObject, state: ReadState, off: int, size: int) -> bytes:
+    async def read(self, obj: CachedObject, state: ReadState, off: int,
+                   size: int) -> bytes | memoryview:
+        """Bytes [off, off + size) of ``obj``, checked against their sums; blocks that fail
+        are fetched again (EIO, Damaged, when S3 cannot be reached)."""
         if off >= obj.size or size <= 0:
             return b""
         end = min(off + size, obj.size)
         b0, b1 = off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1
         sequential = state.note(off, end)
-        if self.wants_whole(obj):
-            if not obj.present.covers(b0, b1):
-                await self._wait(obj, b0, b1, self._ensure(obj, 0, obj.nblocks, whole=True))
-        else:
-            fetches = self._schedule(obj, state, sequential, b0, b1)
-            if not obj.present.covers(b0, b1):
-                await self._wait(obj, b0, b1, fetches)
+        try:
+            if self.wants_whole(obj):
+                if not obj.present.covers(b0, b1):
+                    await self._wait(obj, b0, b1, self._ensure(obj, 0, obj.nblocks, whole=True))
+            else:
+                fetches = self._schedule(obj, state, sequential, b0, b1)
+                if not obj.present.covers(b0, b1):
+                    await self._wait(obj, b0, b1, fetches)
+        except Unreachable:
+            self._raise_if_damaged(obj, b0, b1)
+            raise
         if sequential and end + DISK_AHEAD // 2 > state.disk_upto:
             # A sequential reader of cached bytes: have the kernel read the cache file ahead,
             # so that our pread finds them in memory instead of waiting for the disk.
             start = max(end, state.disk_upto)
             state.disk_upto = start + DISK_AHEAD
             self.cache.advise_willneed(obj, start, DISK_AHEAD)
-        return self.cache.pread(obj, off, end - off)
+        refetched = 0
+        while True:
+            try:
+                return await self.cache.read_checked(obj, off, end - off)
+            except Damaged:
+                if refetched == REFETCHES or not self.store.connectivity.online:
+                    raise
+            refetched += 1  # dropped: fetch those blocks again (all of an object fetched whole)
+            whole = self.wants_whole(obj)
+            try:
+                await self._wait(obj, b0, b1, self._ensure(obj, 0 if whole else b0,
+                                                           obj.nblocks if whole else b1, whole))
+            except Unreachable:
+                self._raise_if_damaged(obj, b0, b1)
+                raise
+
+    def _raise_if_damaged(self, obj: CachedObject, b0: int, b1: int) -> None:
+        """S3 is unreachable: a read of blocks dropped for failing their check is an EIO (the
+        bytes are bad), not ENETUNREACH (not cached)."""
+        if self.cache.damaged(obj, b0, b1):
+            raise Damaged(f"s3://{obj.bucket}/{obj.key}: cached bytes failed their checksum and "
+                          "S3 is unreachable to fetch them again") from None
 
     # ------------------------------------------------------------ scheduling
     def _schedule(self, obj: CachedObject, state: ReadState, sequential: bool, b0: int,
@@ -226,7 +258,7 @@ class Fetcher:
 
     async def _get(self, obj: CachedObject, f: Fetch, whole: bool) -> None:
         """One GET of the fetch's blocks still missing into the data file. Each piece written
-        is summed (CRC32 per block, in the worker thread) before it is reported present."""
+        is summed (CRC32C per block, in the worker thread) before it is reported present."""
         token = trio.lowlevel.current_trio_token()
         start = f.start
         while start < f.end and start in obj.present:  # an earlier try got this far
@@ -234,18 +266,18 @@ class Fetcher:
         marked = [start]
         size = obj.size
         if whole:
-            # small single-part objects are checked against their MD5 ETag: no sums needed
-            path = None if is_md5_etag(obj.etag) else str(obj.path) + SUMS_SUFFIX
+            # checked against its MD5 ETag and S3's checksum before this is called; summed
+            # too, so that reads after a remount are checked
+            path = str(obj.path) + SUMS_SUFFIX
             mode = self.cache.file_mode
 
             def done(pos: int) -> None:  # in the worker thread, once all of it is written
-                if path is not None:
-                    sums_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
-                    try:
-                        write_sums(held[0], sums_fd, size, f.start, f.end)
-                        os.fsync(sums_fd)  # no descriptor for Cache.sync to flush later
-                    finally:
-                        os.close(sums_fd)
+                sums_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+                try:
+                    write_sums(held[0], sums_fd, size, f.start, f.end)
+                    os.fsync(sums_fd)  # no descriptor for Cache.sync to flush later
+                finally:
+                    os.close(sums_fd)
                 token.run_sync_soon(self._arrived, obj, f, marked, pos)
 
             held = [obj.fd]  # the data file's descriptor, once known

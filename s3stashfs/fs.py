@@ -17,7 +17,7 @@ import time
 import pyfuse3
 
 from .cache import Cache, CachedObject, check_reserve
-from .errors import (Changed, Exists, IsADirectory, NotADirectory, NotEmpty, NotFound,
+from .errors import (Changed, Damaged, Exists, IsADirectory, NotADirectory, NotEmpty, NotFound,
                      NotSupported, ReadOnly, S3StashError, Unreachable, errno_for)
 from .fetch import Fetcher, ReadState
 from .inodes import InodeTable, Kind, Node
@@ -42,7 +42,8 @@ def handler(fn):
         except pyfuse3.FUSEError:
             raise
         except (NotFound, ReadOnly, Changed, Exists, NotEmpty, NotADirectory, IsADirectory,
-                NotSupported) as e:  # expected answers; Changed is logged by read()
+                NotSupported, Damaged) as e:
+            # expected answers; Changed is logged by read(), Damaged by the cache (once per file)
             log.debug("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(e.errno) from None
         except Unreachable as e:
@@ -310,8 +311,8 @@ class Operations(pyfuse3.Operations):
         h = self._handles[fh]
         try:
             return await self._read(h, off, size)
-        except Unreachable:
-            raise  # offline: status says so; not an error of this file
+        except (Unreachable, Damaged):
+            raise  # offline: status says so; damaged bytes: recorded by the cache
         except Changed:
             self.cache.record_error(h.obj.bucket, h.obj.key, "read: changed in S3 while open "
                                     f"(this open had ETag {h.obj.etag}): EIO")
@@ -739,7 +740,7 @@ class Operations(pyfuse3.Operations):
         info = await self.ns.revalidate(node)
         obj, _ = self.cache.open_object(node.bucket, node.key, info)
         try:
-            return await self.fetcher.read(obj, ReadState(), 0, obj.size)
+            return bytes(await self.fetcher.read(obj, ReadState(), 0, obj.size))
         finally:
             self.cache.release(obj)
 

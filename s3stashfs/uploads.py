@@ -286,9 +286,12 @@ class Uploader:
             async def durable():
                 await self.cache.sync_one(obj)
 
-            # The local copy is made durable while the upload runs, not before it: whatever
-            # happens to the upload, close() returns only once both are done.
-            await run_all(lambda _, job: job(), [durable, send])
+            async def summed():  # kept by Cache.uploaded only if S3 gets this generation
+                await self.cache.sum_local(obj, gen)
+
+            # The local copy is made durable (and summed) while the upload runs, not before it:
+            # whatever happens to the upload, close() returns only once all are done.
+            await run_all(lambda _, job: job(), [durable, summed, send])
             if errors and isinstance(errors[0], Conflict):
                 return await self._conflict(obj, gen, fd, meta, errors[0])
             if errors:

@@ -169,6 +169,19 @@ def test_unlink_while_open_keeps_descriptor_working(mount, s3, bucket):
     assert "u.txt" not in s3_keys(s3, bucket)
 
 
+def test_a_local_file_unlinked_while_open_reads_back_as_written(mount, s3, bucket):
+    """Bytes written through the mount are the user's, with no sums until S3 has them: unlinked
+    while open, they still read back as written (not checked, nothing fetched)."""
+    m = mount(bucket=bucket)
+    data = helpers.random_bytes(300_000, seed="local")
+    with open(m.path / "l.bin", "w+b", buffering=0) as f:
+        f.write(data)
+        os.unlink(m.path / "l.bin")
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # the next read reaches the mount
+        assert os.pread(f.fileno(), len(data), 0) == data
+    assert "l.bin" not in s3_keys(s3, bucket)
+
+
 @pytest.mark.parametrize("name", ["with space.txt", "ünïcødé ✓.txt", "#%+?*&=:;[]{}()$.txt"])
 def test_names_with_spaces_unicode_and_punctuation(mount, s3, bucket, name):
     m = mount(bucket=bucket)

@@ -21,7 +21,7 @@ from ..store import ObjectInfo
 from .catalog import Catalog, Row
 from .files import fsync_all, open_data_file, sweep_files
 from .integrity import IntegrityMixin
-from .objects import BLOCK_SIZE, SUMS_SUFFIX, CachedObject, data_name
+from .objects import BLOCK_SIZE, SIDECARS, CachedObject, data_name
 from .ranges import RangeSet
 from .space import SpaceMixin
 
@@ -57,6 +57,7 @@ class Cache(SpaceMixin, IntegrityMixin):
         self._objects: dict[tuple[str, str], CachedObject] = {}
         self._retired: set[CachedObject] = set()  # replaced versions still open or syncing
         self._errors_seen: dict[tuple[str, str, str], float] = {}  # record_error's last times
+        self._damaged: dict[str, set[int]] = {}  # data file -> blocks dropped by a failed check
 
     # ------------------------------------------------------------ objects
     def current(self, bucket: str, key: str) -> CachedObject | None:
@@ -138,6 +139,8 @@ class Cache(SpaceMixin, IntegrityMixin):
             obj.row.dirty = False
             obj.row.verified = True
             obj.retry_delay = 0.0
+            if obj.summed_gen != gen:  # no sums of exactly these bytes: none rather than wrong
+                self._drop_sums(obj)
         obj.row_changed = True
         obj.unsynced = True
 
@@ -277,6 +280,9 @@ class Cache(SpaceMixin, IntegrityMixin):
         if obj.idle():
             self._close_file(obj)
         else:
+            if obj.fd is not None and not obj.local_bytes:  # its files go next: keep its sums
+                self.ensure_sums(obj)
+                self._old_sums(obj)
             self._retired.add(obj)
 
     def ensure_open(self, obj: CachedObject) -> int:
@@ -307,12 +313,11 @@ class Cache(SpaceMixin, IntegrityMixin):
         if obj.fd is not None:
             os.close(obj.fd)
             obj.fd = None
-        if obj.sums_fd is not None:
-            os.close(obj.sums_fd)
-            obj.sums_fd = None
+        self._close_sums(obj)
 
     def _unlink(self, rel: str) -> None:
-        for name in (rel, rel + SUMS_SUFFIX):
+        self._damaged.pop(rel, None)
+        for name in (rel, *(rel + x for x in SIDECARS)):
             try:
                 os.unlink(self.dir / name)
             except FileNotFoundError:
@@ -335,10 +340,6 @@ class Cache(SpaceMixin, IntegrityMixin):
         self._close_file(obj)
         if self._over_warned:  # over the limits with nothing to evict: now there may be
             self._nudge()
-
-    def pread(self, obj: CachedObject, off: int, size: int) -> bytes:
-        obj.last_access = time.time()  # recorded with the object's next catalog update
-        return os.pread(self.ensure_open(obj), size, off)
 
     def advise_willneed(self, obj: CachedObject, off: int, size: int) -> None:
         """Start reading this part of the cache file into memory, without waiting."""

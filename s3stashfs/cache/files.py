@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from .objects import SUMS_SUFFIX
+from .objects import SIDECARS
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def sweep_files(cache_dir: Path, known: set[str], before: float) -> int:
             continue
         for f in sub.iterdir():
             rel = f"data/{sub.name}/{f.name}"
-            owner = rel[:-len(SUMS_SUFFIX)] if rel.endswith(SUMS_SUFFIX) else rel
+            owner = next((rel[:-len(x)] for x in SIDECARS if rel.endswith(x)), rel)
             try:
                 if owner not in known and f.stat().st_mtime < before:
                     f.unlink()

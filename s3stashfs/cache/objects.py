@@ -16,7 +16,9 @@ from .catalog import Row
 from .ranges import RangeSet
 
 BLOCK_SIZE = 64 * 1024
-SUMS_SUFFIX = ".crc"
+SUMS_SUFFIX = ".crc32c"  # the sums sidecar: a CRC32C per block (see integrity.py)
+OLD_SUMS_SUFFIX = ".crc"  # a zlib CRC32 per block, written by earlier versions: read, never written
+SIDECARS = (SUMS_SUFFIX, OLD_SUMS_SUFFIX)
 INDEX_SUFFIXES = (".bai", ".csi", ".tbi", ".crai", ".fai", ".gzi")
 
 
@@ -27,7 +29,6 @@ def is_index(key: str) -> bool:
 def data_name(*parts: str) -> str:
     h = hashlib.blake2b("\0".join(parts).encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
     return f"data/{h[:2]}/{h}"
-
 
 
 class Fetch:
@@ -59,7 +60,10 @@ class CachedObject:
         self.inflight: dict[int, Fetch] = {}
         self.changed = trio.Event()
         self.fd: int | None = None
-        self.sums_fd: int | None = None  # the .crc sidecar, opened for ranged fetches
+        self.sums_fd: int | None = None  # the sums sidecar, opened by fetches and checked reads
+        self.old_sums_fd: int | None = None  # an earlier version's sidecar (-1: there is none)
+        self.summing: trio.Event | None = None  # set while a thread sums the whole file
+        self.summed_gen = 0  # the local generation whose sums the sidecar holds (uploads)
         self.opens = 0
         self.current = True  # False once a newer version replaced it in the cache
         self.verifying = False
@@ -113,10 +117,17 @@ class CachedObject:
     def dirty(self) -> bool:
         return self.row.dirty
 
+    @property
+    def local_bytes(self) -> bool:
+        """Its bytes are the user's, written through the mount: not in S3 yet (dirty), or no
+        longer anyone's (unlinked while open). They have no sums to check them against."""
+        return self.row.dirty or (self.unlinked and self.gen > 0)
+
     def idle(self) -> bool:
         """Nothing holds it in memory: not open, fetching, unsynced, or dirty."""
         return (self.opens == 0 and not self.inflight and not self.unsynced and not self.verifying
-                and not self.syncing and not self.row.dirty and not self.row_changed)
+                and not self.syncing and not self.row.dirty and not self.row_changed
+                and self.summing is None)
 
     def changed_locally(self, new_size: int) -> None:
         """The local bytes changed (a write, a truncate): all of it is present by definition."""
