@@ -24,6 +24,7 @@ import trio
 from .errors import S3StashError, Unreachable
 from .inodes import Kind
 from .namespace import valid_name
+from .verify import verify_cache
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class ControlServer:
         if cmd == "clear":
             return cache.clear(include_pinned=bool(request.get("include_pinned")))
         if cmd == "verify":
-            return await cache.verify()
+            return await verify_cache(cache, self.m.fetcher.verifier)
         if cmd == "pin":
             return await self.pin([_parts(p) for p in request["paths"]], send)
         if cmd == "unpin":

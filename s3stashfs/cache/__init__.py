@@ -31,6 +31,7 @@ from pathlib import Path
 import trio
 
 from ..config import DEFAULT_CACHE_MIN_FREE, Space
+from ..checksums import describe_verified
 from ..store import ObjectInfo, is_md5_etag
 from .catalog import Candidate, Catalog, Row
 from .ranges import RangeSet
@@ -133,7 +134,8 @@ class CachedObject:
         """Forget every present block (bad checksum): they will be fetched again."""
         self.present.clear()
         self.row.verified = False
-        self.unsynced = True
+        self.row.verified_by = None
+        self.unsynced = self.row_changed = True
         self.wake()
 
     @property
@@ -261,6 +263,7 @@ class Cache:
         if obj.gen == gen:
             obj.row.dirty = False
             obj.row.verified = True
+            obj.row.verified_by = "upload"
             obj.retry_delay = 0.0
         obj.row_changed = True
         obj.unsynced = True
@@ -332,7 +335,8 @@ class Cache:
         self._objects[(bucket, new_key)] = obj
 
     def describe(self, bucket: str, key: str) -> str:
-        """What the cache holds of an object: complete, partial N/M (blocks), dirty, or none."""
+        """What the cache holds of an object: complete (and how it was verified against S3),
+        partial N/M (blocks), dirty, or none."""
         obj = self._objects.get((bucket, key))
         row = obj.row if obj is not None else self.catalog.get(self.origin, bucket, key)
         if row is None:
@@ -342,7 +346,11 @@ class Cache:
         present = obj.present if obj is not None else RangeSet.from_bytes(row.ranges)
         n = (row.size + BLOCK_SIZE - 1) // BLOCK_SIZE
         have = sum(min(e, n) - min(s, n) for s, e in present)
-        return "complete" if have >= n else f"partial {have}/{n}"
+        if have < n:
+            return f"partial {have}/{n}"
+        if not row.size:
+            return "complete (empty)"
+        return f"complete, {describe_verified(row.verified, row.verified_by, row.etag)}"
 
     def forget_object(self, bucket: str, key: str) -> None:
         """The object is gone (unlinked): drop its row and data file. An open descriptor keeps
@@ -774,7 +782,8 @@ class Cache:
                 lost += min(BLOCK_SIZE, size - b * BLOCK_SIZE)
         if obj is not None:
             obj.row.verified = False
-            obj.unsynced = True
+            obj.row.verified_by = None
+            obj.unsynced = obj.row_changed = True
             obj.wake()
         else:
             self.catalog.drop_blocks(row.id, present.to_bytes() if len(present) else None)
