@@ -1,6 +1,7 @@
 """Multipart objects verified end to end (verify.py, checksums.py): the sums computed here
 against moto's, what S3 says about parts, and the check of cached bytes against it, with real
-objects in moto and a real cache file that the tests damage on purpose."""
+objects in moto and a real cache file that the tests damage on purpose. Through a real mount:
+test_verify_mount.py."""
 from __future__ import annotations
 
 import base64
@@ -24,18 +25,7 @@ PART = 8 * MiB
 
 
 def upload(s3, bucket, key, data, algo=None, part_size=PART) -> str:
-    """A multipart upload by the test's own client, with S3 checksums of ``algo`` or none."""
-    kw = {"ChecksumAlgorithm": algo} if algo else {}
-    mpu = s3.create_multipart_upload(Bucket=bucket, Key=key, **kw)
-    parts = []
-    for n, start in enumerate(range(0, len(data), part_size), 1):
-        r = s3.upload_part(Bucket=bucket, Key=key, UploadId=mpu["UploadId"], PartNumber=n,
-                           Body=data[start:start + part_size], **kw)
-        parts.append({"ETag": r["ETag"], "PartNumber": n,
-                      **{k: v for k, v in r.items() if k.startswith("Checksum") and k != "ChecksumType"}})
-    r = s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=mpu["UploadId"],
-                                     MultipartUpload={"Parts": parts})
-    return r["ETag"].strip('"')
+    return helpers.put_multipart_with_checksums(s3, bucket, key, data, part_size, algo)
 
 
 # ------------------------------------------------------------------ the sums themselves
