@@ -318,6 +318,10 @@ class Fetcher:
         against S3's sums (see verify.py)."""
         try:
             await self.verifier.run(obj)
+        except S3StashError as e:  # S3 could not say: it stays not yet verified
+            log.debug("s3://%s/%s: not verified now: %s", obj.bucket, obj.key, e)
+        except Exception:  # noqa: BLE001 - a failed check must not end the mount
+            log.exception("verifying s3://%s/%s failed", obj.bucket, obj.key)
         finally:
             obj.verifying = False
             self._release(obj)

@@ -304,3 +304,50 @@ def test_encrypted_objects_are_not_checked_against_their_etag(tmp_path):
         assert (result, obj.row.verified_by) == ("verified", "crc32")
         await c.cache.close()
     trio.run(go)
+
+
+# ------------------------------------------------------------------ whole GETs, direct path
+def test_direct_path_passes_every_checksum_header_through():
+    import urllib3
+    from s3stashfs.store import _checksum_digests, _direct_result
+
+    class Response:
+        status = 200
+
+        def __init__(self, headers):
+            self.headers = urllib3.HTTPHeaderDict(headers)
+
+    r = _direct_result(Response({"ETag": '"abc-3"', "Content-Length": "5",
+                                 "x-amz-checksum-crc32c": "yZRlqg==",
+                                 "x-amz-checksum-crc64nvme": "AAAAAAAAAAA=",
+                                 "x-amz-checksum-type": "FULL_OBJECT"}), "GET s3://b/k")
+    assert r["ChecksumCRC32C"] == "yZRlqg==" and r["ChecksumCRC64NVME"] == "AAAAAAAAAAA="
+    assert r["ChecksumType"] == "FULL_OBJECT"
+    assert [a for a, _, _ in _checksum_digests(r)] == ["CRC64NVME", "CRC32C"]
+    # a COMPOSITE checksum is of the parts' sums, not of the whole: not checked on the GET
+    assert _checksum_digests({"ChecksumCRC32C": "yZRlqg==-3"}) == []
+    assert _checksum_digests({"ChecksumCRC32C": "yZRlqg==", "ChecksumType": "COMPOSITE"}) == []
+
+
+@pytest.mark.parametrize("algo", ["CRC32C", "CRC64NVME"])
+def test_whole_fetch_checks_crc32c_and_crc64nvme(tmp_path, algo):
+    from s3stashfs import errors
+    from test_store import FakeClient, make_store
+
+    data = os.urandom(5000)
+    d = checksums.new_digest(algo)
+    d.update(data)
+    client = FakeClient(data, "abc-2")  # a multipart ETag: the checksum decides
+    client.extra = {f"Checksum{algo}": checksums.b64(d.digest()), "ChecksumType": "FULL_OBJECT"}
+    store = make_store(tmp_path, client)
+    fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o600)
+    checked: list[str] = []
+    try:
+        trio.run(store.fetch_whole, "b", "k", "abc-2", len(data), fd, lambda pos: None, checked)
+        assert os.pread(fd, len(data), 0) == data and checked == [algo.lower()]
+        d.update(b"x")
+        client.extra = {f"Checksum{algo}": checksums.b64(d.digest())}
+        with pytest.raises(errors.ChecksumMismatch, match=algo):
+            trio.run(store.fetch_whole, "b", "k", "abc-2", len(data), fd, lambda pos: None)
+    finally:
+        os.close(fd)
