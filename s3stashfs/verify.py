@@ -160,7 +160,7 @@ class Verifier:
                 return "verified"
         try:
             info = await self.layout(obj, fresh)
-        except Unreachable:
+        except (Unreachable, Throttled):
             if is_md5_etag(etag):  # cannot ask whether it is encrypted: drop rather than serve
                 return self._mismatch(obj, _Finding("md5", False, True, f"MD5 {digest}"), gen)
             return "offline"
