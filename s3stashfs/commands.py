@@ -200,9 +200,9 @@ def cmd_cache(settings, args) -> int:
     if args.cache_command == "clear":
         req["include_pinned"] = args.include_pinned
     result, _ = ask_or_local(settings, args.mountpoint, req,
-                             lambda cache, _: _run_locally(cache, req))
+                             lambda cache, _: _run_locally(settings, cache, req))
     code = EXIT_OK
-    if args.cache_command == "verify" and result["bad_blocks"]:
+    if args.cache_command == "verify" and (result["bad_blocks"] or result.get("s3_mismatches")):
         code = EXIT_LOOK
     if args.json:
         print(json.dumps(result, indent=2))
@@ -225,10 +225,33 @@ def cmd_cache(settings, args) -> int:
                  if result["bad_blocks"] else "all good"))
         for b in result.get("bad_objects", []):
             print(f"  {b['bucket']}/{b['key']}: {size(b['bad_bytes'])} dropped")
+        print_against_s3(result)
     return code
 
 
-def _run_locally(cache, req: dict) -> dict:
+def print_against_s3(result: dict) -> None:
+    """The S3 side of ``cache verify``: how each complete cached object is verified."""
+    from .checksums import label
+    a = result.get("against_s3")
+    if a is None:
+        return
+    counts = sorted(a["verified"].items(), key=lambda kv: (-kv[1], kv[0]))
+    how = ", ".join(f"{n} {label(k)}" for k, n in counts)
+    print(f"against S3: {sum(a['verified'].values())} verified" + (f" ({how})" if how else "")
+          + f"; {len(a['not_verifiable'])} not verifiable; {len(a['not_yet_verified'])} not yet "
+          f"verified; {a['partial']} partly cached (checked block by block)")
+    if result.get("s3_mismatches"):
+        print(f"  {result['s3_mismatches']} file(s) did not match S3's sums: dropped (fetched "
+              "again when read)")
+    for o in a["not_verifiable"][:50]:
+        print(f"  not verifiable: {o['bucket']}/{o['key']}: {o['why']}")
+    for o in a["not_yet_verified"][:50]:
+        print(f"  not yet verified: {o['bucket']}/{o['key']}")
+    if result.get("s3_error") and a["not_yet_verified"]:
+        print(f"  could not check against S3: {result['s3_error']}")
+
+
+def _run_locally(settings, cache, req: dict) -> dict:
     import trio
     cmd = req["cmd"]
     if cmd == "size":
@@ -237,7 +260,20 @@ def _run_locally(cache, req: dict) -> dict:
         return cache.prune(req["older_than"])
     if cmd == "clear":
         return cache.clear(include_pinned=req["include_pinned"])
-    return trio.run(cache.verify)
+    return trio.run(_verify_locally, settings, cache)
+
+
+async def _verify_locally(settings, cache) -> dict:
+    """``cache verify`` with nothing mounted: the S3 side too, for this endpoint's objects,
+    when S3 can be reached with these settings."""
+    from .errors import S3StashError
+    from .store import Store
+    from .verify import Verifier, verify_cache
+    try:
+        verifier, why = Verifier(Store(settings), cache), ""
+    except (S3StashError, MountError) as e:
+        verifier, why = None, f"S3 could not be asked: {e}"
+    return await verify_cache(cache, verifier, why)
 
 
 def cmd_pin(settings, args, pin: bool) -> int:

@@ -25,6 +25,7 @@ import trio
 from .errors import S3StashError, Unreachable
 from .inodes import Kind
 from .namespace import valid_name
+from .verify import verify_cache
 
 if TYPE_CHECKING:
     from .cache import CachedObject
@@ -127,7 +128,7 @@ class ControlServer:
         if cmd == "clear":
             return cache.clear(include_pinned=bool(request.get("include_pinned")))
         if cmd == "verify":
-            return await cache.verify()
+            return await verify_cache(cache, self.m.fetcher.verifier)
         if cmd == "pin":
             return await self.pin([_parts(p) for p in request["paths"]], send)
         if cmd == "unpin":

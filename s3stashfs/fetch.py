@@ -1,7 +1,8 @@
 """Getting bytes into the cache: ranged GETs pinned by If-Match, read-ahead, one fetch per block.
 
 A read waits only for the blocks it touches. Small objects and index files are fetched whole
-(and verified against their MD5 ETag before any byte is served). Larger objects are fetched in
+(and verified against their MD5 ETag or S3's full-object checksum before any byte is served;
+others are checked once here, see verify.py). Larger objects are fetched in
 blocks: a random read fetches just the blocks it touches; a sequential reader gets a read-ahead
 window that doubles with each sequential read, up to MAX_WINDOW, fetched as parallel ranged GETs
 of at most CHUNK bytes that stream into the data file and wake readers as each piece lands.
@@ -23,9 +24,10 @@ import os
 import trio
 
 from .cache import (BLOCK_SIZE, SUMS_SUFFIX, Cache, CachedObject, Fetch, check_reserve, is_index,
-                    md5_of, write_sums)
+                    write_sums)
 from .errors import Changed, Damaged, NoSpace, S3StashError, Unreachable
-from .store import Store, is_md5_etag
+from .store import Store
+from .verify import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class Fetcher:
         self.cache = cache
         self.nursery: trio.Nursery | None = None  # set by the mount: fetches outlive requests
         self._busy: set[CachedObject] = set()  # objects with fetches under way
+        self.verifier = Verifier(store, cache)
         store.connectivity.on_offline.append(self._wake_all)
 
     def _wake_all(self) -> None:
@@ -250,8 +253,7 @@ class Fetcher:
             if not obj.inflight:
                 self._busy.discard(obj)
             obj.wake()
-            if (obj.complete and not obj.row.verified and is_md5_etag(obj.etag) and not obj.dirty
-                    and not obj.verifying and self.nursery is not None):
+            if not obj.verifying and self.nursery is not None and self.verifier.wanted(obj):
                 obj.verifying = True
                 self.nursery.start_soon(self._verify, obj)
             self._release(obj)
@@ -287,11 +289,15 @@ class Fetcher:
                 held[0] = opener()
                 return held[0]
 
+            checked: list[str] = []
             fd = await self.store.fetch_whole(obj.bucket, obj.key, obj.etag, size,
-                                              held[0] if held[0] is not None else open_it, done)
+                                              held[0] if held[0] is not None else open_it, done,
+                                              checked)
             self.cache.adopt(obj, fd)
-            if is_md5_etag(obj.etag):
+            if checked:  # verified as it arrived: MD5 ETag, or S3's full-object checksum
                 obj.row.verified = True
+                obj.row.verified_by = checked[0]
+                obj.row_changed = True
         else:
             fd = self.cache.ensure_open(obj)
             sums_fd = self.cache.ensure_sums(obj)
@@ -342,23 +348,14 @@ class Fetcher:
             await ev.wait()
 
     async def _verify(self, obj: CachedObject) -> None:
-        """A single-part object assembled from ranged GETs: check the whole against its MD5."""
+        """An object assembled from ranged GETs: check its parts, or all of it once complete,
+        against S3's sums (see verify.py)."""
         try:
-            gen = obj.gen
-            digest = await trio.to_thread.run_sync(md5_of, self.cache.ensure_open(obj), obj.size)
-            if obj.dirty or obj.gen != gen:
-                pass  # changed locally meanwhile: these bytes are no longer S3's to check
-            elif digest == obj.etag:
-                obj.row.verified = True
-                obj.unsynced = True
-            else:
-                log.error("s3://%s/%s: cached bytes have MD5 %s, not the ETag %s: dropped",
-                          obj.bucket, obj.key, digest, obj.etag)
-                self.cache.record_error(obj.bucket, obj.key, f"cached bytes had MD5 {digest}, not "
-                                        f"the ETag {obj.etag}: dropped, fetched again")
-                obj.drop_all()
-        except OSError as e:
-            log.error("s3://%s/%s: cannot verify the cached bytes: %s", obj.bucket, obj.key, e)
+            await self.verifier.run(obj)
+        except S3StashError as e:  # S3 could not say: it stays not yet verified
+            log.debug("s3://%s/%s: not verified now: %s", obj.bucket, obj.key, e)
+        except Exception:  # noqa: BLE001 - a failed check must not end the mount
+            log.exception("verifying s3://%s/%s failed", obj.bucket, obj.key)
         finally:
             obj.verifying = False
             self._release(obj)

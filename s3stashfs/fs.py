@@ -15,6 +15,7 @@ import stat
 import time
 
 import pyfuse3
+import trio
 
 from .cache import Cache, CachedObject, check_reserve
 from .errors import (Changed, Damaged, Exists, IsADirectory, NotADirectory, NotEmpty, NotFound,
@@ -98,6 +99,8 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, FileHandle] = {}
         self._dirs: dict[int, list[Node]] = {}
         self._next_fh = 1
+        self._stale_pages: set[tuple[str, str]] = set()  # see _bytes_dropped
+        fetcher.verifier.on_dropped.append(self._bytes_dropped)
 
     # ------------------------------------------------------------ attributes
     def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -208,6 +211,9 @@ class Operations(pyfuse3.Operations):
             else:
                 self.fetcher.prefetch(obj)
                 self._prefetch_siblings(node)
+        if (node.bucket, node.key) in self._stale_pages:
+            self._stale_pages.discard((node.bucket, node.key))
+            same = False
         return pyfuse3.FileInfo(fh=self._new_handle(node, obj, writing), keep_cache=same,
                                 direct_io=_write_only(flags))
 
@@ -299,6 +305,19 @@ class Operations(pyfuse3.Operations):
             pyfuse3.invalidate_entry_async(node.parent, node.name, ignore_enoent=True)
         except OSError as e:
             log.debug("invalidate_entry(%d): %s", node.ino, e)
+
+    def _bytes_dropped(self, bucket: str, key: str) -> None:
+        """Cached bytes of this object did not match S3's sums and were dropped: the kernel must
+        not serve its copy of them either. The next open drops its page cache (no keep_cache);
+        the pages of a file open now are invalidated from a thread (the kernel may wait on a
+        read of that file, which this loop must stay free to answer)."""
+        self._stale_pages.add((bucket, key))
+        if len(self._stale_pages) > 10_000:
+            self._stale_pages.clear()
+        inos = {h.node.ino for h in self._handles.values()
+                if h.node.bucket == bucket and h.node.key == key}
+        if inos and self.fetcher.nursery is not None:
+            self.fetcher.nursery.start_soon(_invalidate_pages, inos)
 
     def _invalidate_attrs(self, node: Node) -> None:
         try:
@@ -855,6 +874,14 @@ class Operations(pyfuse3.Operations):
         out["user.s3.cache"] = self.cache.describe(node.bucket, node.key)
         return out
 
+
+
+async def _invalidate_pages(inos: set[int]) -> None:
+    for ino in inos:
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
+        except OSError as e:
+            log.debug("invalidate_inode(%d): %s", ino, e)
 
 
 def _write_only(flags: int) -> bool:

@@ -27,7 +27,6 @@ import re
 import socket
 import time
 import urllib.parse
-import zlib
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
@@ -41,6 +40,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
+from . import checksums
 from .connectivity import Connectivity
 from .errors import (ChecksumMismatch, Changed, Conflict, Denied, Interrupted, MountError,
                      NotFound, S3StashError, StoreError, Throttled, Unreachable, first_error)
@@ -87,7 +87,7 @@ class Timeouts:
     write: float = 30.0
 
     @classmethod
-    def scaled(cls, meta: float) -> "Timeouts":
+    def scaled(cls, meta: float) -> Timeouts:
         return cls(connect=0.4 * meta, meta=meta, data=2 * meta, write=6 * meta)
 
 
@@ -394,6 +394,10 @@ def _direct_result(r, what: str) -> dict:
         v = h.get(f"x-amz-checksum-{algo.lower()}")
         if v:
             out[f"Checksum{algo}"] = v
+    for header, name in (("x-amz-checksum-type", "ChecksumType"),
+                         ("x-amz-mp-parts-count", "PartsCount")):
+        if h.get(header):
+            out[name] = h[header]
     return out
 
 
@@ -411,31 +415,47 @@ def _check_range(what: str, r: dict, start: int, end: int) -> None:
                      f"({r.get('ContentLength')} bytes) to a GET of bytes={start}-{end - 1}")
 
 
-CHECKSUMS = ("CRC32", "SHA1", "SHA256")
+CHECKSUMS = checksums.ALGOS
 _USER_AGENT = f"s3stashfs (direct; urllib3/{urllib3.__version__})"
 
 
 def _checksum_digests(response: dict) -> list[tuple[str, str, object]]:
     """(name, expected, running digest) for each full-object checksum S3 gave that we can check
-    ourselves (composite checksums of multipart uploads, "...-N", are not of the whole)."""
+    ourselves. A COMPOSITE checksum ("...-N", or so typed) joins the parts' sums: it is not of
+    the whole, and is checked later from the cached bytes (see verify.py). One this
+    installation cannot compute is logged and left out: the object is not verified by it."""
     out = []
+    composite = response.get("ChecksumType") == "COMPOSITE"
     for algo in CHECKSUMS:
         expected = response.get(f"Checksum{algo}")
-        if not expected or "-" in expected:
+        if not expected or composite or checksums.split_composite(expected)[1] is not None:
             continue
-        out.append((algo, expected, _Crc32() if algo == "CRC32" else hashlib.new(algo.lower())))
+        digest = checksums.new_digest(algo)
+        if digest is None:
+            log.debug("cannot compute %s here: not verified by it", algo)
+            continue
+        out.append((algo, expected, digest))
     return out
 
 
-class _Crc32:
-    def __init__(self):
-        self.value = 0
+@dataclasses.dataclass(frozen=True)
+class PartsInfo:
+    """What S3 says about the parts and sums of one object version (``object_parts``)."""
 
-    def update(self, data) -> None:
-        self.value = zlib.crc32(data, self.value)
+    etag: str
+    parts: int | None = None  # how many parts (from the ETag "-N" or x-amz-mp-parts-count)
+    sizes: tuple[int, ...] | None = None  # every part's size (GetObjectAttributes)
+    part_size: int | None = None  # part 1's size (HEAD ?partNumber=1): the others but the last
+    part_sums: tuple[str, tuple[str, ...]] | None = None  # (algorithm, each part's sum)
+    checksum: tuple[str, str] | None = None  # (algorithm, base64 value without "-N")
+    checksum_type: str | None = None  # FULL_OBJECT, COMPOSITE, or None: S3 did not say
+    encrypted: bool = False  # SSE-KMS or SSE-C: the ETag is not an MD5 of the bytes
 
-    def digest(self) -> bytes:
-        return self.value.to_bytes(4, "big")
+
+def _encrypted(r: dict) -> bool:
+    """SSE-KMS or SSE-C: S3's ETag is then no MD5 of the bytes."""
+    return bool(str(r.get("ServerSideEncryption") or "").startswith("aws:kms")
+                or r.get("SSECustomerAlgorithm"))
 
 
 class Store:
@@ -685,13 +705,15 @@ class Store:
         await self._run(what, self._data, call)
 
     async def fetch_whole(self, bucket: str, key: str, etag: str, size: int,
-                          fd: int | Callable[[], int], progress: Callable[[int], None]) -> int:
+                          fd: int | Callable[[], int], progress: Callable[[int], None],
+                          checked: list[str] | None = None) -> int:
         """GET a whole (small) object, verify it against its ETag's MD5 (single-part uploads)
         and S3's stored checksum (when it has one) before reporting any byte as present; a try
         that broke off starts again from the first byte.
 
         ``fd`` may be a function that opens the file, called in the worker thread once S3 has
-        answered; the descriptor written to is returned."""
+        answered; the descriptor written to is returned. ``checked`` gets the names of the
+        checks that passed ("md5", "crc64nvme", ...)."""
         what = f"GET s3://{bucket}/{key}"
         opened: list[int] = []
 
@@ -714,6 +736,9 @@ class Store:
             for algo, expected, digest in checks:
                 if base64.b64encode(digest.digest()).decode() != expected:
                     raise ChecksumMismatch(f"{what}: {algo} does not match S3's {expected}")
+            if checked is not None:
+                checked[:] = ((["md5"] if is_md5_etag(etag) and not kms else [])
+                              + [algo.lower() for algo, _, _ in checks])
             progress(size)
         try:
             await self._run(what, self._data, call)
@@ -722,6 +747,101 @@ class Store:
                 os.close(opened[0])
             raise
         return opened[0]
+
+    async def object_parts(self, bucket: str, key: str, etag: str, size: int) -> PartsInfo:
+        """What S3 says about the parts and sums of version ``etag`` of an object of ``size``
+        bytes, in as few calls as the server allows: GetObjectAttributes (every part's size and
+        sum in one call, where the server has them), else HEAD ?partNumber=1 (part 1's size and
+        the parts count); and the object's own checksum with its type (from the attributes, or a
+        HEAD with checksum mode). Changed when S3 has another version now."""
+        what = f"parts of s3://{bucket}/{key}"
+        nparts = checksums.etag_parts(etag)
+
+        def call():
+            info: dict = {"etag": etag, "parts": nparts}
+            if nparts is not None:
+                self._parts_from_attributes(what, bucket, key, etag, info)
+                if info.get("sizes") is None:
+                    length, sse = self.head_part(what, bucket, key, etag, 1, nparts)
+                    info["encrypted"] = sse
+                    if length and -(-size // length) == nparts:
+                        info["part_size"] = length
+            if info.get("checksum") is None or "encrypted" not in info:
+                r = self._call(what, "head_object", Bucket=bucket, Key=key, IfMatch=f'"{etag}"',
+                               ChecksumMode="ENABLED")
+                info["encrypted"] = _encrypted(r)
+                if info.get("checksum") is None:
+                    for algo in CHECKSUMS:
+                        if r.get(f"Checksum{algo}"):
+                            value, n = checksums.split_composite(r[f"Checksum{algo}"])
+                            info["checksum"] = (algo, value)
+                            info["checksum_type"] = ("COMPOSITE" if n is not None else
+                                                     r.get("ChecksumType") or
+                                                     (None if nparts else "FULL_OBJECT"))
+                            break
+            return PartsInfo(**info)
+        return await self._run(what, self._meta, call)
+
+    def _parts_from_attributes(self, what: str, bucket: str, key: str, etag: str,
+                               info: dict) -> None:
+        """GetObjectAttributes into ``info``: sizes and sums of every part, the checksum. A
+        server without it (or a policy without s3:GetObjectAttributes) leaves ``info`` alone."""
+        sizes: list[int] = []
+        sums: dict[str, list[str]] = {}
+        marker = 0
+        for _ in range(10):  # 1,000 parts a page; S3 allows 10,000 parts
+            try:
+                r = self._call(what, "get_object_attributes", Bucket=bucket, Key=key,
+                               ObjectAttributes=["ETag", "Checksum", "ObjectParts", "ObjectSize"],
+                               MaxParts=1000, PartNumberMarker=marker)
+            except (StoreError, Denied) as e:
+                log.debug("%s: no GetObjectAttributes (%s): asking with HEAD", what, e)
+                return
+            got = strip_etag(r.get("ETag", etag))
+            if got != etag:
+                raise Changed(f"{what}: ETag is now {got}")
+            c = r.get("Checksum") or {}
+            for algo in CHECKSUMS:
+                if c.get(f"Checksum{algo}") and info.get("checksum") is None:
+                    value, n = checksums.split_composite(c[f"Checksum{algo}"])
+                    info["checksum"] = (algo, value)
+                    info["checksum_type"] = "COMPOSITE" if n is not None else c.get("ChecksumType")
+            op = r.get("ObjectParts") or {}
+            for part in op.get("Parts") or []:
+                sizes.append(int(part.get("Size", -1)))
+                for algo in CHECKSUMS:
+                    if part.get(f"Checksum{algo}"):
+                        sums.setdefault(algo, []).append(part[f"Checksum{algo}"])
+            if not op.get("IsTruncated") or not op.get("NextPartNumberMarker"):
+                break
+            marker = int(op["NextPartNumberMarker"])
+        if sizes and len(sizes) == info["parts"] and min(sizes) >= 0:
+            info["sizes"] = tuple(sizes)
+            for algo, values in sums.items():
+                if len(values) == len(sizes):
+                    info["part_sums"] = (algo, tuple(values))
+                    break
+
+    async def part_size(self, bucket: str, key: str, etag: str, n: int) -> int | None:
+        """The size of part ``n`` of multipart version ``etag`` (None: the server does not say)."""
+        what = f"parts of s3://{bucket}/{key}"
+        size, _ = await self._run(what, self._meta, self.head_part, what, bucket, key, etag, n,
+                                  checksums.etag_parts(etag))
+        return size
+
+    def head_part(self, what: str, bucket: str, key: str, etag: str, n: int,
+                  nparts: int) -> tuple[int | None, bool]:
+        """In a worker thread: (size of part ``n``, encrypted) from HEAD ?partNumber=n; size None
+        when the server does not say. moto answers with the part's own ETag (real S3 and
+        SeaweedFS with the object's), so If-Match cannot be sent: a multipart ETag other than
+        ours, or another parts count, means the object changed."""
+        r = self._call(what, "head_object", Bucket=bucket, Key=key, PartNumber=n)
+        got = strip_etag(r.get("ETag", etag))
+        count = r.get("PartsCount")
+        if (got != etag and not is_md5_etag(got)) or (count is not None and int(count) != nparts):
+            raise Changed(f"{what}: ETag is now {got} ({count} parts)")
+        length = r.get("ContentLength")
+        return (int(length) if count is not None and length is not None else None), _encrypted(r)
 
     def _drain(self, what, body, fd, start, end, progress, digest=None, more_digests=(),
                reached: list[int] | None = None):

@@ -163,6 +163,25 @@ def put_multipart_object(
     return PutObject(bucket, key, data, resp["ETag"])
 
 
+def put_multipart_with_checksums(
+    s3: Any, bucket: str, key: str, data: bytes, part_size: int, algorithm: str | None = None
+) -> str:
+    """Upload `data` in parts, each part and the upload with S3 checksums of `algorithm`
+    ('CRC32C', 'CRC32', 'SHA256', 'CRC64NVME'; None: none). Returns the ETag, unquoted."""
+    kw = {"ChecksumAlgorithm": algorithm} if algorithm else {}
+    mpu = s3.create_multipart_upload(Bucket=bucket, Key=key, **kw)
+    parts = []
+    for n, start in enumerate(range(0, max(len(data), 1), part_size), start=1):
+        r = s3.upload_part(Bucket=bucket, Key=key, UploadId=mpu["UploadId"], PartNumber=n,
+                           Body=data[start : start + part_size], **kw)
+        sums = {k: v for k, v in r.items() if k.startswith("Checksum") and k != "ChecksumType"}
+        parts.append({"ETag": r["ETag"], "PartNumber": n, **sums})
+    r = s3.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=mpu["UploadId"], MultipartUpload={"Parts": parts}
+    )
+    return r["ETag"].strip('"')
+
+
 def upload_files(s3: Any, bucket: str, prefix: str, paths: Iterable[str | os.PathLike]) -> list[str]:
     """Upload local files as `<prefix><file name>`; return the keys."""
     keys = []

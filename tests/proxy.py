@@ -30,7 +30,7 @@ import struct
 import termios
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 MODES = ("pass", "reset", "blackhole", "refuse", "slowdown")
 SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'

@@ -48,7 +48,8 @@ VISIBLE_TREE = {
     "x": (set(), {"inner"}),
 }
 
-CACHE_FILE_RE = re.compile(r"(catalog\.sqlite3.*|mount\.lock|control\.sock|data/([0-9a-f]{2})/\2[0-9a-f]{38}(\.crc|\.crc32c)?)")
+CACHE_FILE_RE = re.compile(r"(catalog\.sqlite3.*|mount\.lock|control\.sock"
+                           r"|data/([0-9a-f]{2})/\2[0-9a-f]{38}(\.crc|\.crc32c)?)")
 
 
 def put_keys(s3, bucket: str, objects: dict[str, bytes]) -> None:

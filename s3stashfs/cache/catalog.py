@@ -65,7 +65,9 @@ CREATE TABLE IF NOT EXISTS journal (
 # Columns added after schema 1, with their SQL type; added to an older catalog on open.
 # ``held``: bytes of the object the cache holds (present blocks clipped to the size; all of a
 # dirty object), NULL until computed for rows of an older catalog (see fill_held).
-_ADDED_COLUMNS = {"base_etag": "TEXT", "held": "INTEGER"}
+# ``verified_by``: how the complete object was verified against S3 (see verify.py), or why it
+# cannot be ("unverifiable:..."); NULL: not (yet).
+_ADDED_COLUMNS = {"base_etag": "TEXT", "held": "INTEGER", "verified_by": "TEXT"}
 # After the added columns exist: the running total of ``held`` (kept exact by triggers, in the
 # same transaction as every row change, so no scan is needed to know the cache's size), the
 # index eviction walks (only rows it may evict, oldest access first), and pinned keys.
@@ -105,6 +107,7 @@ class Row:
     pinned: bool = False
     last_access: float = 0.0
     base_etag: str | None = None  # a dirty object: the ETag its change was based on ('' = new)
+    verified_by: str | None = None  # how it was verified against S3 (verify.py), or why not
 
 
 _COLS = [f.name for f in dataclasses.fields(Row)]
@@ -295,9 +298,18 @@ class Catalog:
     def drop_blocks(self, row_id: int, ranges: bytes | None = None) -> None:
         """The row keeps its name, ETag and metadata (listings, offline lookups) but holds only
         ``ranges`` (None: nothing)."""
-        self._db.execute("UPDATE objects SET ranges=?1, complete=0, verified=0, "
+        self._db.execute("UPDATE objects SET ranges=?1, complete=0, verified=0, verified_by=NULL, "
                          "held=held_bytes(?1, size, block_size, dirty) WHERE id=?2",
                          (ranges, row_id))
+
+    def verification_rows(self, origin: str | None = None) -> list[Row]:
+        """Every clean row holding bytes (of ``origin``, or all): what ``cache verify`` reports."""
+        q = f"SELECT {','.join(_COLS)} FROM objects WHERE held > 0 AND dirty = 0"
+        args: tuple = ()
+        if origin is not None:
+            q += " AND origin = ?"
+            args = (origin,)
+        return [self._row(r) for r in self._db.execute(q + " ORDER BY bucket, key", args)]
 
     def usage(self) -> dict[str, int]:
         r = self._db.execute(

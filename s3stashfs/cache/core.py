@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from ..checksums import describe_verified
 from ..config import DEFAULT_CACHE_MIN_FREE, Space
 from ..store import ObjectInfo
 from .catalog import Catalog, Row
@@ -138,6 +139,7 @@ class Cache(SpaceMixin, IntegrityMixin):
         if obj.gen == gen:
             obj.row.dirty = False
             obj.row.verified = True
+            obj.row.verified_by = "upload"
             obj.retry_delay = 0.0
             if obj.summed_gen != gen:  # no sums of exactly these bytes: none rather than wrong
                 self._drop_sums(obj)
@@ -211,7 +213,8 @@ class Cache(SpaceMixin, IntegrityMixin):
         self._objects[(bucket, new_key)] = obj
 
     def describe(self, bucket: str, key: str) -> str:
-        """What the cache holds of an object: complete, partial N/M (blocks), dirty, or none."""
+        """What the cache holds of an object: complete (and how it was verified against S3),
+        partial N/M (blocks), dirty, or none."""
         obj = self._objects.get((bucket, key))
         row = obj.row if obj is not None else self.catalog.get(self.origin, bucket, key)
         if row is None:
@@ -221,7 +224,11 @@ class Cache(SpaceMixin, IntegrityMixin):
         present = obj.present if obj is not None else RangeSet.from_bytes(row.ranges)
         n = (row.size + BLOCK_SIZE - 1) // BLOCK_SIZE
         have = sum(min(e, n) - min(s, n) for s, e in present)
-        return "complete" if have >= n else f"partial {have}/{n}"
+        if have < n:
+            return f"partial {have}/{n}"
+        if not row.size:
+            return "complete (empty)"
+        return f"complete, {describe_verified(row.verified, row.verified_by, row.etag)}"
 
     def forget_object(self, bucket: str, key: str) -> None:
         """The object is gone (unlinked): drop its row and data file. An open descriptor keeps
@@ -385,7 +392,7 @@ class Cache(SpaceMixin, IntegrityMixin):
         try:
             fds = [o.fd for o in objs] + [o.sums_fd for o in objs if o.sums_fd is not None]
             await trio.to_thread.run_sync(fsync_all, fds, self._dir_fd)
-            for o, r, c, v, a, whole in snaps:
+            for o, r, c, _v, a, whole in snaps:
                 if whole and o.current and not o.unlinked:
                     o.row.ranges = r.to_bytes()
                     o.row.complete, o.row.last_access = c, a

@@ -124,7 +124,8 @@ class IntegrityMixin:
         for b in blocks:
             obj.present.discard(b, b + 1)
         obj.row.verified = False
-        obj.unsynced = True
+        obj.row.verified_by = None
+        obj.unsynced = obj.row_changed = True
         obj.wake()
         seen = self._damaged.setdefault(obj.row.file, set())
         first = not seen
@@ -255,7 +256,8 @@ class IntegrityMixin:
                 lost += min(BLOCK_SIZE, size - b * BLOCK_SIZE)
         if obj is not None:
             obj.row.verified = False
-            obj.unsynced = True
+            obj.row.verified_by = None
+            obj.unsynced = obj.row_changed = True
             obj.wake()
             self._damaged.setdefault(file, set()).update(bad)  # offline: EIO, not "not cached"
         else:

@@ -110,7 +110,8 @@ class CachedObject:
         """Forget every present block (bad checksum): they will be fetched again."""
         self.present.clear()
         self.row.verified = False
-        self.unsynced = True
+        self.row.verified_by = None
+        self.unsynced = self.row_changed = True
         self.wake()
 
     @property
