@@ -16,6 +16,7 @@ import time
 
 import pyfuse3
 
+from . import crashpoints
 from .cache import Cache, CachedObject, check_reserve
 from .errors import (Changed, Exists, IsADirectory, NotADirectory, NotEmpty, NotFound,
                      NotSupported, ReadOnly, S3StashError, Unreachable, errno_for)
@@ -342,6 +343,7 @@ class Operations(pyfuse3.Operations):
         h = self._handles[fh]
         if not h.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
+        crashpoints.hit("write.received")  # the writes before this one have returned
         obj = h.obj
         async with obj.lock:  # not while an upload reads the file
             fd = self.cache.ensure_open(obj)
@@ -363,6 +365,7 @@ class Operations(pyfuse3.Operations):
                 if pos > off:  # what was written is a change, even if the rest failed
                     obj.changed_locally(max(obj.size, pos))
                     self.uploader.wrote(obj, off, pos - off)
+        crashpoints.hit("write.done")  # in the cache file, not yet answered
         return len(buf)
 
     @handler

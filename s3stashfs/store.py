@@ -39,6 +39,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
+from . import crashpoints
 from .connectivity import Connectivity
 from .errors import (ChecksumMismatch, Changed, Conflict, Denied, MountError, NotFound,
                      S3StashError, StoreError, Throttled, Unreachable, first_error)
@@ -691,6 +692,7 @@ class Store:
         """Upload ``fd`` in parts sent in parallel, each with its Content-MD5; the ETag S3 gives
         the whole must be the one its parts' MD5s make. Aborted on any failure."""
         upload_id = await self.start_multipart(bucket, key, metadata)
+        crashpoints.hit("upload.multipart_created")
         starts = list(range(0, size, part_size)) or [0]
         parts: list[tuple[bytes, str]] = [(b"", "")] * len(starts)
 
@@ -722,6 +724,7 @@ class Store:
             rr = self._call(what, "upload_part", kind="write", Bucket=bucket, Key=key,
                             UploadId=upload_id, PartNumber=n, Body=data,
                             ContentMD5=base64.b64encode(md5.digest()).decode())
+            crashpoints.hit("upload.part_sent")  # in the worker thread, S3 has the part
             etag = strip_etag(rr.get("ETag", ""))
             if etag != md5.hexdigest():
                 raise ChecksumMismatch(f"{what}: S3 stored MD5 {etag}")
@@ -751,7 +754,9 @@ class Store:
                                   **_conditions(base))
             except S3StashError as e:
                 raise _conditional(what, base, e) from None
+        crashpoints.hit("upload.before_complete")
         r = await self._run(what, self._meta, call)
+        crashpoints.hit("upload.completed")
         etag = strip_etag(r.get("ETag", ""))
         joined = hashlib.md5(b"".join(d for d, _ in parts), usedforsecurity=False).hexdigest()
         expected = f"{joined}-{len(parts)}"

@@ -27,6 +27,7 @@ import time
 
 import trio
 
+from . import crashpoints
 from .cache import Cache, CachedObject
 from .errors import Conflict, S3StashError, StoreError, Unreachable
 from .store import Store, meta_mtime, run_all
@@ -173,6 +174,7 @@ class Uploader:
     async def _stream_start(self, obj: CachedObject, st: _Stream) -> None:
         try:
             st.upload_id = await self.store.start_multipart(obj.bucket, st.key, st.meta)
+            crashpoints.hit("upload.stream_created")
         except Exception as e:  # noqa: BLE001 - the close then uploads the whole file
             st.error = e
         finally:
@@ -187,6 +189,7 @@ class Uploader:
             st.parts[i] = await self.store.upload_part(
                 obj.bucket, st.key, st.upload_id, i + 1, self.cache.ensure_open(obj),
                 i * st.part_size, st.part_size)
+            crashpoints.hit("upload.stream_part_sent")
         except Exception as e:  # noqa: BLE001 - the close then uploads the whole file
             st.error = e
         finally:
@@ -299,6 +302,7 @@ class Uploader:
                 self._failed(obj, e)
                 raise e
             etag = sent[0]
+            crashpoints.hit("upload.sent")
             if streamed is not None:
                 obj.row.mtime_ns = streamed.mtime_ns  # what S3 was told when the parts began
             obj.row.metadata = meta
@@ -308,6 +312,7 @@ class Uploader:
 
     async def _put(self, obj: CachedObject, key: str, fd: int, meta: dict[str, str],
                    base: str | None) -> str:
+        crashpoints.hit("upload.before_put")
         if obj.size <= self.threshold:
             return await self.store.put_file(obj.bucket, key, fd, obj.size, meta, base)
         return await self.store.multipart_upload(
@@ -318,6 +323,7 @@ class Uploader:
         obj.last_error = None
         if obj.gen == gen:
             self.cache.catalog.journal_forget(self.cache.origin, obj.bucket, obj.key, "upload")
+            crashpoints.hit("upload.journal_forgotten")
         self.cache.catalog.clear_events(obj.bucket, obj.key, "error")
 
     async def _conflict(self, obj: CachedObject, gen: int, fd: int, meta: dict[str, str],
@@ -529,6 +535,7 @@ class Uploader:
                         bucket, key, e)
             self.cache.record_error(bucket, key, f"{j['op']} failed: {e}")
             raise
+        crashpoints.hit("journal.applied")
         self.cache.catalog.journal_done(seq)
         self._op_retry.pop(seq, None)
         self._op_error.pop(seq, None)

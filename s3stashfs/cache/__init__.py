@@ -30,6 +30,7 @@ from pathlib import Path
 
 import trio
 
+from .. import crashpoints
 from ..config import DEFAULT_CACHE_MIN_FREE, Space
 from ..store import ObjectInfo, is_md5_etag
 from .catalog import Candidate, Catalog, Row
@@ -233,6 +234,7 @@ class Cache:
                   block_size=BLOCK_SIZE, dirty=True, last_access=time.time(),
                   base_etag=base_etag, pinned=self._pinned(bucket, key, base))
         self.catalog.put(row)
+        crashpoints.hit("cache.local_created")
         if old is not None:
             self._retire(old)
         if base is not None and base.file != row.file:
@@ -493,6 +495,7 @@ class Cache:
         obj.syncing = True
         try:
             await trio.to_thread.run_sync(os.fsync, self.ensure_open(obj))
+            crashpoints.hit("cache.sync_one_fsynced")
             obj.row.ranges = obj.present.to_bytes()
             obj.row.complete = obj.complete
             self.catalog.put(obj.row)
@@ -518,6 +521,7 @@ class Cache:
         try:
             fds = [o.fd for o in objs] + [o.sums_fd for o in objs if o.sums_fd is not None]
             await trio.to_thread.run_sync(_fsync_all, fds, self._dir_fd)
+            crashpoints.hit("cache.sync_fsynced")
             for o, r, c, v, a, whole in snaps:
                 if whole and o.current and not o.unlinked:
                     o.row.ranges = r.to_bytes()
@@ -526,6 +530,7 @@ class Cache:
             self.catalog.update_state([(o.row.id, r.to_bytes(), c, v, a)
                                        for o, r, c, v, a, whole in snaps
                                        if o.current and not whole and o.row.id is not None])
+            crashpoints.hit("cache.sync_recorded")
         except BaseException:
             for o, *_, whole in snaps:
                 o.unsynced = True
@@ -644,6 +649,7 @@ class Cache:
         """Forget the row's blocks, then delete its files (a crash in between leaves a file the
         row claims nothing of). The row stays: listings and offline lookups still know it."""
         self.catalog.drop_blocks(c.id)
+        crashpoints.hit("cache.evict_dropped")
         self._unlink(c.file)
 
     # ------------------------------------------------------------ maintenance
