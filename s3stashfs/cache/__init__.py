@@ -370,10 +370,22 @@ class Cache:
         return [o for o in self._objects.values() if o.dirty]
 
     def load_dirty(self) -> list[CachedObject]:
-        """At mount: every object with local changes not yet in S3 (after a crash too)."""
+        """At mount: every object with local changes not yet in S3 (after a crash too). Its
+        data file is the truth: a write reaches the file before the periodic sync records the
+        new size, so after a crash the row may say less (and opening the file would cut it)."""
         for row in self.catalog.dirty_rows(self.origin):
             if (row.bucket, row.key) not in self._objects:
                 obj = CachedObject(row, self.dir / row.file)
+                try:
+                    size = os.stat(obj.path).st_size
+                except FileNotFoundError:
+                    size = row.size
+                if size != row.size:
+                    log.info("s3://%s/%s: the cache file holds %d bytes, the catalog said %d "
+                             "(a crash came before it was recorded): the file's are kept",
+                             row.bucket, row.key, size, row.size)
+                    row.size = size
+                    obj.row_changed = obj.unsynced = True
                 obj.present = RangeSet([(0, obj.nblocks)])
                 obj.gen = obj.journaled_gen = 1  # journaled (or older than the journal)
                 self._objects[(row.bucket, row.key)] = obj
