@@ -200,10 +200,11 @@ class Operations(pyfuse3.Operations):
             if writing:  # changing an object means having all of it
                 try:
                     await self.fetcher.fetch_all(obj)
+                    self.cache.make_local(obj)
+                    await self.cache.sync_one(obj)  # dirty on disk before any write lands
                 except BaseException:
                     self.cache.release(obj)
                     raise
-                self.cache.make_local(obj)
                 self.ns.local_changed(node, obj)
             else:
                 self.fetcher.prefetch(obj)
@@ -521,6 +522,7 @@ class Operations(pyfuse3.Operations):
                 if size > 0:
                     await self.fetcher.fetch_all(obj)
                 self.cache.make_local(obj)
+                await self.cache.sync_one(obj)  # dirty on disk before the file is cut
             except BaseException:
                 self.cache.release(obj)
                 raise

@@ -247,7 +247,9 @@ class Cache:
         return obj
 
     def make_local(self, obj: CachedObject) -> None:
-        """A complete cached version becomes the local one that writes change."""
+        """A complete cached version becomes the local one that writes change. Its file keeps
+        its name: the caller makes the row durable (``sync_one``) before changing a byte, or a
+        crash would leave changed bytes under a clean row, served as S3's and never uploaded."""
         if not obj.row.dirty:
             obj.row.base_etag = obj.row.etag  # the version the change is based on
             self._drop_sums(obj)  # its bytes will no longer be the ones summed
