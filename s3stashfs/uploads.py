@@ -19,8 +19,11 @@ order; a change whose key has an earlier change still failing waits for it.
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
+import hashlib
 import logging
+import os
 import random
 import re
 import time
@@ -30,7 +33,7 @@ import trio
 from . import crashpoints
 from .cache import Cache, CachedObject
 from .errors import Conflict, S3StashError, StoreError, Unreachable
-from .store import Store, meta_mtime, run_all
+from .store import Store, is_md5_etag, meta_mtime, run_all
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,26 @@ def part_size_for(size: int, part_size: int) -> int:
         return part_size
     mib = 1 << 20
     return -(-need // mib) * mib
+
+
+def local_etag(fd: int, size: int, part_size: int | None) -> str:
+    """In a worker thread: the ETag S3 gives the first ``size`` bytes of ``fd`` uploaded in one
+    PUT (``part_size`` None: their MD5) or in parts of ``part_size`` (MD5 of the parts' MD5s)."""
+    def md5(start: int, n: int):
+        h = hashlib.md5(usedforsecurity=False)
+        end = start + n
+        while start < end:
+            chunk = os.pread(fd, min(8 << 20, end - start), start)
+            if not chunk:
+                raise OSError(errno.EIO, "cache file shorter than its object")
+            h.update(chunk)
+            start += len(chunk)
+        return h
+    if part_size is None:
+        return md5(0, size).hexdigest()
+    digests = [md5(start, min(part_size, size - start)).digest()
+               for start in range(0, max(size, 1), part_size)]
+    return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
 
 
 class _Stream:
@@ -292,7 +315,12 @@ class Uploader:
             # happens to the upload, close() returns only once both are done.
             await run_all(lambda _, job: job(), [durable, send])
             if errors and isinstance(errors[0], Conflict):
-                return await self._conflict(obj, gen, fd, meta, errors[0])
+                same = await self._s3_has_these_bytes(obj, fd)
+                if same is None:
+                    return await self._conflict(obj, gen, fd, meta, errors[0])
+                log.info("s3://%s/%s already has these bytes (ETag %s): an upload that a crash "
+                         "kept from being recorded, now recorded", obj.bucket, obj.key, same)
+                errors, sent = [], [same]
             if errors:
                 e = errors[0]
                 if closing and self.queue_offline and isinstance(e, Unreachable):
@@ -309,6 +337,19 @@ class Uploader:
             self._done(obj, gen, etag)
             log.info("uploaded s3://%s/%s (%d bytes, ETag %s)", obj.bucket, obj.key, obj.size, etag)
             return None
+
+    async def _s3_has_these_bytes(self, obj: CachedObject, fd: int) -> str | None:
+        """After a conflict: S3's ETag if the object S3 has is byte for byte the local one (an
+        upload went through, then a crash came before the catalog recorded it), else None."""
+        try:
+            info = await self.store.head_object(obj.bucket, obj.key)
+        except S3StashError:
+            return None
+        if info is None or info.size != obj.size:
+            return None
+        parts = None if is_md5_etag(info.etag) else part_size_for(obj.size, self.part_size)
+        mine = await trio.to_thread.run_sync(local_etag, fd, obj.size, parts)
+        return info.etag if mine == info.etag else None
 
     async def _put(self, obj: CachedObject, key: str, fd: int, meta: dict[str, str],
                    base: str | None) -> str:
