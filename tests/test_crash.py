@@ -262,6 +262,15 @@ def wait_killed(m, name: str, n: int) -> None:
         f"the daemon died, but not at {name}:{n}; log tail:\n{helpers.tail(m.log_file)}")
 
 
+def unmount_dead(m) -> None:
+    """The kernel keeps a killed daemon's mount (every call on it fails with ENOTCONN) until it
+    is unmounted; nothing of ours holds a file open on it any more."""
+    r = helpers.run(["fusermount3", "-u", str(m.path)], timeout=30)
+    assert r.returncode == 0, r
+    helpers.wait_for(lambda: not m.is_mounted(), timeout=10, message="the dead mount to go")
+    m.mounted = False
+
+
 def check_closed(s3, bucket, files: dict[str, Written]) -> None:
     """At the kill: what close() reported as uploaded is in S3."""
     for key, w in files.items():
@@ -282,6 +291,7 @@ def recover_and_check(m, s3, bucket, seeded: dict[str, bytes], files: dict[str, 
                       removed: set[str] = frozenset(), markers: set[str] = frozenset(),
                       use_cli: bool = False) -> None:
     """Mount again without the hook, sync, and check S3 and the cache."""
+    unmount_dead(m)
     m.remount(env={"S3STASHFS_CRASH_AT": None})
     if use_cli:  # the commands, with their exit codes (0: all done, nothing to look at)
         r = cli(m, "sync", "--json", m.path)
