@@ -23,6 +23,7 @@ import os
 
 import trio
 
+from . import crashpoints
 from .cache import (BLOCK_SIZE, SUMS_SUFFIX, Cache, CachedObject, Fetch, check_reserve, is_index,
                     write_sums)
 from .errors import Changed, Damaged, NoSpace, S3StashError, Unreachable
@@ -274,6 +275,7 @@ class Fetcher:
             mode = self.cache.file_mode
 
             def done(pos: int) -> None:  # in the worker thread, once all of it is written
+                crashpoints.hit("fetch.whole_written")
                 sums_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
                 try:
                     write_sums(held[0], sums_fd, size, f.start, f.end)
@@ -305,11 +307,13 @@ class Fetcher:
             summed = [start]
 
             def progress(pos: int) -> None:  # in the worker thread: sum, hand over, do not wait
+                crashpoints.hit("fetch.piece_written")
                 check_reserve(fd)
                 upto = min(nblocks if pos >= size else pos // BLOCK_SIZE, f.end)
                 if upto > summed[0]:
                     write_sums(fd, sums_fd, size, summed[0], upto)
                     summed[0] = upto
+                crashpoints.hit("fetch.piece_summed")
                 token.run_sync_soon(self._arrived, obj, f, marked, pos)
 
             await self.store.fetch_range(obj.bucket, obj.key, obj.etag, start * BLOCK_SIZE,

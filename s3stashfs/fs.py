@@ -17,6 +17,7 @@ import time
 import pyfuse3
 import trio
 
+from . import crashpoints
 from .cache import Cache, CachedObject, check_reserve
 from .errors import (Changed, Damaged, Exists, IsADirectory, NotADirectory, NotEmpty, NotFound,
                      NotSupported, ReadOnly, S3StashError, Unreachable, errno_for)
@@ -203,10 +204,11 @@ class Operations(pyfuse3.Operations):
             if writing:  # changing an object means having all of it
                 try:
                     await self.fetcher.fetch_all(obj)
+                    self.cache.make_local(obj)
+                    await self.cache.sync_one(obj)  # dirty on disk before any write lands
                 except BaseException:
                     self.cache.release(obj)
                     raise
-                self.cache.make_local(obj)
                 self.ns.local_changed(node, obj)
             else:
                 self.fetcher.prefetch(obj)
@@ -365,6 +367,7 @@ class Operations(pyfuse3.Operations):
         h = self._handles[fh]
         if not h.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
+        crashpoints.hit("write.received")  # the writes before this one have returned
         obj = h.obj
         async with obj.lock:  # not while an upload reads the file
             fd = self.cache.ensure_open(obj)
@@ -386,6 +389,7 @@ class Operations(pyfuse3.Operations):
                 if pos > off:  # what was written is a change, even if the rest failed
                     obj.changed_locally(max(obj.size, pos))
                     self.uploader.wrote(obj, off, pos - off)
+        crashpoints.hit("write.done")  # in the cache file, not yet answered
         return len(buf)
 
     @handler
@@ -541,6 +545,7 @@ class Operations(pyfuse3.Operations):
                 if size > 0:
                     await self.fetcher.fetch_all(obj)
                 self.cache.make_local(obj)
+                await self.cache.sync_one(obj)  # dirty on disk before the file is cut
             except BaseException:
                 self.cache.release(obj)
                 raise

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from . import crashpoints
 from .cache import Cache
 from .config import Settings
 from .control import ControlServer
@@ -245,6 +246,7 @@ def serve(settings: Settings, mountpoint: Path, on_ready=lambda: None) -> None:
     mounting; returns after a clean unmount."""
     real = check_mountpoint(mountpoint)
     check_fuse()
+    crashpoints.arm()  # a test hook: unset outside tests
     lock_fd = lock_cache_dir(settings.cache_dir)
     try:
         m = Mount(settings, real)

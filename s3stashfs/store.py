@@ -40,7 +40,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
-from . import checksums
+from . import checksums, crashpoints
 from .connectivity import Connectivity
 from .errors import (ChecksumMismatch, Changed, Conflict, Denied, Interrupted, MountError,
                      NotFound, S3StashError, StoreError, Throttled, Unreachable, first_error)
@@ -935,6 +935,7 @@ class Store:
         """Upload ``fd`` in parts sent in parallel, each with its Content-MD5; the ETag S3 gives
         the whole must be the one its parts' MD5s make. Aborted on any failure."""
         upload_id = await self.start_multipart(bucket, key, metadata)
+        crashpoints.hit("upload.multipart_created")
         starts = list(range(0, size, part_size)) or [0]
         parts: list[tuple[bytes, str]] = [(b"", "")] * len(starts)
 
@@ -966,6 +967,7 @@ class Store:
             rr = self._call(what, "upload_part", kind="write", Bucket=bucket, Key=key,
                             UploadId=upload_id, PartNumber=n, Body=data,
                             ContentMD5=base64.b64encode(md5.digest()).decode())
+            crashpoints.hit("upload.part_sent")  # in the worker thread, S3 has the part
             etag = _answered_etag(what, rr)
             if etag != md5.hexdigest():
                 raise ChecksumMismatch(f"{what}: S3 stored MD5 {etag}")
@@ -1008,7 +1010,9 @@ class Store:
                     return {"ETag": expected, "refused": isinstance(e, Conflict)}
                 raise e from None
             return {"ETag": _answered_etag(what, r)}
+        crashpoints.hit("upload.before_complete")
         r = await self._run(what, self._meta, call)
+        crashpoints.hit("upload.completed")
         if r.get("refused"):  # an earlier upload of the same parts is in S3; not this one
             await self.abort_multipart(bucket, key, upload_id)
         etag = strip_etag(r.get("ETag", ""))

@@ -19,17 +19,21 @@ order; a change whose key has an earlier change still failing waits for it.
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
+import hashlib
 import logging
+import os
 import random
 import re
 import time
 
 import trio
 
+from . import crashpoints
 from .cache import Cache, CachedObject
 from .errors import Conflict, S3StashError, StoreError, Unreachable
-from .store import Store, meta_mtime, run_all
+from .store import Store, is_md5_etag, meta_mtime, run_all
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,26 @@ def part_size_for(size: int, part_size: int) -> int:
         return part_size
     mib = 1 << 20
     return -(-need // mib) * mib
+
+
+def local_etag(fd: int, size: int, part_size: int | None) -> str:
+    """In a worker thread: the ETag S3 gives the first ``size`` bytes of ``fd`` uploaded in one
+    PUT (``part_size`` None: their MD5) or in parts of ``part_size`` (MD5 of the parts' MD5s)."""
+    def md5(start: int, n: int):
+        h = hashlib.md5(usedforsecurity=False)
+        end = start + n
+        while start < end:
+            chunk = os.pread(fd, min(8 << 20, end - start), start)
+            if not chunk:
+                raise OSError(errno.EIO, "cache file shorter than its object")
+            h.update(chunk)
+            start += len(chunk)
+        return h
+    if part_size is None:
+        return md5(0, size).hexdigest()
+    digests = [md5(start, min(part_size, size - start)).digest()
+               for start in range(0, max(size, 1), part_size)]
+    return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
 
 
 class _Stream:
@@ -174,6 +198,7 @@ class Uploader:
     async def _stream_start(self, obj: CachedObject, st: _Stream) -> None:
         try:
             st.upload_id = await self.store.start_multipart(obj.bucket, st.key, st.meta)
+            crashpoints.hit("upload.stream_created")
         except Exception as e:  # noqa: BLE001 - the close then uploads the whole file
             st.error = e
         finally:
@@ -188,6 +213,7 @@ class Uploader:
             st.parts[i] = await self.store.upload_part(
                 obj.bucket, st.key, st.upload_id, i + 1, self.cache.ensure_open(obj),
                 i * st.part_size, st.part_size)
+            crashpoints.hit("upload.stream_part_sent")
         except Exception as e:  # noqa: BLE001 - the close then uploads the whole file
             st.error = e
         finally:
@@ -293,7 +319,12 @@ class Uploader:
             # whatever happens to the upload, close() returns only once all are done.
             await run_all(lambda _, job: job(), [durable, summed, send])
             if errors and isinstance(errors[0], Conflict):
-                return await self._conflict(obj, gen, fd, meta, errors[0])
+                same = await self._s3_has_these_bytes(obj, fd)
+                if same is None:
+                    return await self._conflict(obj, gen, fd, meta, errors[0])
+                log.info("s3://%s/%s already has these bytes (ETag %s): an upload that a crash "
+                         "kept from being recorded, now recorded", obj.bucket, obj.key, same)
+                errors, sent = [], [same]
             if errors:
                 e = errors[0]
                 if closing and self.queue_offline and isinstance(e, Unreachable):
@@ -303,6 +334,7 @@ class Uploader:
                 self._failed(obj, e)
                 raise e
             etag = sent[0]
+            crashpoints.hit("upload.sent")
             if streamed is not None:
                 obj.row.mtime_ns = streamed.mtime_ns  # what S3 was told when the parts began
             obj.row.metadata = meta
@@ -310,8 +342,22 @@ class Uploader:
             log.info("uploaded s3://%s/%s (%d bytes, ETag %s)", obj.bucket, obj.key, obj.size, etag)
             return None
 
+    async def _s3_has_these_bytes(self, obj: CachedObject, fd: int) -> str | None:
+        """After a conflict: S3's ETag if the object S3 has is byte for byte the local one (an
+        upload went through, then a crash came before the catalog recorded it), else None."""
+        try:
+            info = await self.store.head_object(obj.bucket, obj.key)
+        except S3StashError:
+            return None
+        if info is None or info.size != obj.size:
+            return None
+        parts = None if is_md5_etag(info.etag) else part_size_for(obj.size, self.part_size)
+        mine = await trio.to_thread.run_sync(local_etag, fd, obj.size, parts)
+        return info.etag if mine == info.etag else None
+
     async def _put(self, obj: CachedObject, key: str, fd: int, meta: dict[str, str],
                    base: str | None) -> str:
+        crashpoints.hit("upload.before_put")
         if obj.size <= self.threshold:
             return await self.store.put_file(obj.bucket, key, fd, obj.size, meta, base)
         return await self.store.multipart_upload(
@@ -322,6 +368,7 @@ class Uploader:
         obj.last_error = None
         if obj.gen == gen:
             self.cache.catalog.journal_forget(self.cache.origin, obj.bucket, obj.key, "upload")
+            crashpoints.hit("upload.journal_forgotten")
         self.cache.catalog.clear_events(obj.bucket, obj.key, "error")
 
     async def _conflict(self, obj: CachedObject, gen: int, fd: int, meta: dict[str, str],
@@ -538,6 +585,7 @@ class Uploader:
                         bucket, key, e)
             self.cache.record_error(bucket, key, f"{j['op']} failed: {e}")
             raise
+        crashpoints.hit("journal.applied")
         self.cache.catalog.journal_done(seq)
         self._op_retry.pop(seq, None)
         self._op_error.pop(seq, None)

@@ -16,6 +16,8 @@ import struct
 import time
 from pathlib import Path
 
+from .. import crashpoints
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -211,6 +213,7 @@ class Catalog:
                 "UPDATE objects SET ranges=?1, complete=?2, verified=?3, last_access=?4, "
                 "held=held_bytes(?1, size, block_size, dirty) WHERE id=?5",
                 [(r, int(c), int(v), a, i) for i, r, c, v, a in updates])
+            crashpoints.hit("catalog.state_uncommitted")  # inside the transaction
 
     def set_metadata(self, row_id: int, mtime_ns: int, metadata: dict) -> None:
         self._db.execute("UPDATE objects SET mtime_ns=?, metadata=? WHERE id=?",
@@ -381,7 +384,9 @@ class Catalog:
                 "INSERT INTO journal (origin, bucket, key, op, base_etag, time) "
                 "VALUES (?,?,?,?,?,?) RETURNING seq",
                 (origin, bucket, key, op, base_etag, time.time()))
-            return cur.fetchone()[0]
+            seq = cur.fetchone()[0]
+            crashpoints.hit("catalog.journal_uncommitted")  # inside the transaction
+            return seq
 
     def journal(self, origin: str) -> list[dict]:
         """Pending changes in apply order: dicts (not to be changed) with seq, bucket, key, op,

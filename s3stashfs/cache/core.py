@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from .. import crashpoints
 from ..checksums import describe_verified
 from ..config import DEFAULT_CACHE_MIN_FREE, Space
 from ..store import ObjectInfo
@@ -111,6 +112,7 @@ class Cache(SpaceMixin, IntegrityMixin):
                   block_size=BLOCK_SIZE, dirty=True, last_access=time.time(),
                   base_etag=base_etag, pinned=self._pinned(bucket, key, base))
         self.catalog.put(row)
+        crashpoints.hit("cache.local_created")
         if old is not None:
             self._retire(old)
         if base is not None and base.file != row.file:
@@ -123,7 +125,9 @@ class Cache(SpaceMixin, IntegrityMixin):
         return obj
 
     def make_local(self, obj: CachedObject) -> None:
-        """A complete cached version becomes the local one that writes change."""
+        """A complete cached version becomes the local one that writes change. Its file keeps
+        its name: the caller makes the row durable (``sync_one``) before changing a byte, or a
+        crash would leave changed bytes under a clean row, served as S3's and never uploaded."""
         if not obj.row.dirty:
             obj.row.base_etag = obj.row.etag  # the version the change is based on
             self._drop_sums(obj)  # its bytes will no longer be the ones summed
@@ -254,10 +258,22 @@ class Cache(SpaceMixin, IntegrityMixin):
         return [o for o in self._objects.values() if o.dirty]
 
     def load_dirty(self) -> list[CachedObject]:
-        """At mount: every object with local changes not yet in S3 (after a crash too)."""
+        """At mount: every object with local changes not yet in S3 (after a crash too). Its
+        data file is the truth: a write reaches the file before the periodic sync records the
+        new size, so after a crash the row may say less (and opening the file would cut it)."""
         for row in self.catalog.dirty_rows(self.origin):
             if (row.bucket, row.key) not in self._objects:
                 obj = CachedObject(row, self.dir / row.file)
+                try:
+                    size = os.stat(obj.path).st_size
+                except FileNotFoundError:
+                    size = row.size
+                if size != row.size:
+                    log.info("s3://%s/%s: the cache file holds %d bytes, the catalog said %d "
+                             "(a crash came before it was recorded): the file's are kept",
+                             row.bucket, row.key, size, row.size)
+                    row.size = size
+                    obj.row_changed = obj.unsynced = True
                 obj.present = RangeSet([(0, obj.nblocks)])
                 obj.gen = obj.journaled_gen = 1  # journaled (or older than the journal)
                 self._objects[(row.bucket, row.key)] = obj
@@ -361,6 +377,7 @@ class Cache(SpaceMixin, IntegrityMixin):
         obj.syncing = True
         try:
             await trio.to_thread.run_sync(os.fsync, self.ensure_open(obj))
+            crashpoints.hit("cache.sync_one_fsynced")
             obj.row.ranges = obj.present.to_bytes()
             obj.row.complete = obj.complete
             self.catalog.put(obj.row)
@@ -392,6 +409,7 @@ class Cache(SpaceMixin, IntegrityMixin):
         try:
             fds = [o.fd for o in objs] + [o.sums_fd for o in objs if o.sums_fd is not None]
             await trio.to_thread.run_sync(fsync_all, fds, self._dir_fd)
+            crashpoints.hit("cache.sync_fsynced")
             for o, r, c, _v, a, whole in snaps:
                 if whole and o.current and not o.unlinked:
                     o.row.ranges = r.to_bytes()
@@ -400,6 +418,7 @@ class Cache(SpaceMixin, IntegrityMixin):
             self.catalog.update_state([(o.row.id, r.to_bytes(), c, v, a)
                                        for o, r, c, v, a, whole in snaps
                                        if o.current and not whole and o.row.id is not None])
+            crashpoints.hit("cache.sync_recorded")
         except BaseException:
             for o, *_, whole in snaps:
                 o.unsynced = True

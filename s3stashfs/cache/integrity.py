@@ -206,6 +206,8 @@ class IntegrityMixin:
             if row is None or row.file != c.file:
                 continue
             present = (obj.present if obj is not None else RangeSet.from_bytes(row.ranges)).copy()
+            if not len(present):
+                continue  # evicted since the listing: its file is gone
             md5 = (row.etag if is_md5_etag(row.etag) and present.covers(0, (row.size + BLOCK_SIZE - 1)
                                                                          // BLOCK_SIZE) else None)
             self._busy_files.add(row.file)

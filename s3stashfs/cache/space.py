@@ -13,6 +13,7 @@ import sqlite3
 
 import trio
 
+from .. import crashpoints
 from .catalog import Candidate
 from .files import reserve_bytes
 from .objects import is_index
@@ -115,6 +116,7 @@ class SpaceMixin:
         """Forget the row's blocks, then delete its files (a crash in between leaves a file the
         row claims nothing of). The row stays: listings and offline lookups still know it."""
         self.catalog.drop_blocks(c.id)
+        crashpoints.hit("cache.evict_dropped")
         self._unlink(c.file)
 
     # ------------------------------------------------------------ maintenance
