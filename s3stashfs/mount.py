@@ -6,6 +6,7 @@ import errno
 import fcntl
 import logging
 import os
+import ctypes
 import re
 import signal
 import socket
@@ -169,6 +170,7 @@ class Mount:
                 await nursery.start(ControlServer(self).run)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._ready, on_ready)
+                nursery.start_soon(_trim_memory)
                 await pyfuse3.main()
                 clean = True
                 nursery.cancel_scope.cancel()
@@ -202,6 +204,38 @@ class Mount:
 
 
 READ_AHEAD_KB = 1024  # the largest FUSE request (256 pages)
+MALLOC_ARENAS = 2
+TRIM_EVERY = 10.0  # seconds between returns of freed heap memory to the system
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
+
+def tame_malloc() -> None:
+    """glibc only, before any thread starts: at most MALLOC_ARENAS malloc arenas instead of
+    eight per core. Every download piece and upload part is a buffer of 1-8 MiB freed at once;
+    spread over a dozen threads' arenas, the freed memory stayed with the process (the soak's
+    daemon held 250-275 MiB under a mixed load, against about 90 MiB with two arenas)."""
+    if _LIBC is not None:
+        _LIBC.mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
+
+
+async def _trim_memory() -> None:
+    """Background: hand the heap's free pages back to the system now and then (malloc_trim
+    also releases free pages inside the arenas, not only at their top)."""
+    if _LIBC is None:
+        return
+    while True:
+        await trio.sleep(TRIM_EVERY)
+        await trio.to_thread.run_sync(_LIBC.malloc_trim, 0)
 
 
 def raise_read_ahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
@@ -246,6 +280,7 @@ def serve(settings: Settings, mountpoint: Path, on_ready=lambda: None) -> None:
     mounting; returns after a clean unmount."""
     real = check_mountpoint(mountpoint)
     check_fuse()
+    tame_malloc()
     crashpoints.arm()  # a test hook: unset outside tests
     lock_fd = lock_cache_dir(settings.cache_dir)
     try:

@@ -346,6 +346,22 @@ class Cache(SpaceMixin, IntegrityMixin):
             except FileNotFoundError:
                 pass
 
+    def _set_aside(self, rel: str) -> list[str]:
+        """Rename a data file and its sidecars, in their directory, to a random name that no
+        row has (to be unlinked off the event loop; a crash leaves them to the sweep). Returns
+        their new paths."""
+        self._damaged.pop(rel, None)
+        head, _, _ = rel.rpartition("/")  # data/ab
+        new = f"{head}/{head[-2:]}{os.urandom(19).hex()}"
+        out = []
+        for suffix in ("", *SIDECARS):
+            try:
+                os.rename(self.dir / (rel + suffix), self.dir / (new + suffix))
+            except FileNotFoundError:
+                continue
+            out.append(str(self.dir / (new + suffix)))
+        return out
+
     def release(self, obj: CachedObject) -> None:
         obj.opens -= 1
         self.release_if_idle(obj)

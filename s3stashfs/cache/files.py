@@ -81,6 +81,15 @@ def sweep_files(cache_dir: Path, known: set[str], before: float) -> int:
     return removed
 
 
+def unlink_all(paths: list[str]) -> None:
+    """In a worker thread: delete these files (gone already is fine)."""
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
 def reserve_bytes(fs_total: int) -> int:
     return min(64 << 20, max(4 << 20, fs_total // 100))
 

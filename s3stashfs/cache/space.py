@@ -15,7 +15,7 @@ import trio
 
 from .. import crashpoints
 from .catalog import Candidate
-from .files import reserve_bytes
+from .files import reserve_bytes, unlink_all
 from .objects import is_index
 
 log = logging.getLogger(__name__)
@@ -83,13 +83,16 @@ class SpaceMixin:
                 if not batch:
                     break
                 after = (batch[-1].last_access, batch[-1].id)
+                doomed: list[str] = []
                 for c in batch:
                     if freed >= excess:
                         break
                     if is_index(c.key) == indexes and self._may_drop(c):
-                        self._drop(c)
+                        doomed += self._drop(c, later=True)
                         freed += c.held
-                await trio.sleep(0)
+                # freeing a large file's blocks takes the file system a while: not on the
+                # thread that answers every request
+                await trio.to_thread.run_sync(unlink_all, doomed)
         if freed:
             log.info("cache: evicted %d bytes (least recently read first) to stay within its "
                      "limits", freed)
@@ -112,12 +115,19 @@ class SpaceMixin:
             return False
         return not any(o.row.file == c.file for o in self._retired)
 
-    def _drop(self, c: Candidate) -> None:
+    def _drop(self, c: Candidate, later: bool = False) -> list[str]:
         """Forget the row's blocks, then delete its files (a crash in between leaves a file the
-        row claims nothing of). The row stays: listings and offline lookups still know it."""
+        row claims nothing of). The row stays: listings and offline lookups still know it.
+
+        ``later``: the files are only renamed out of the way (at once, so that a new fetch of
+        the same version starts a new file) and their paths returned, for the caller to unlink
+        in a worker thread; the sweep at the next mount removes any a crash left."""
         self.catalog.drop_blocks(c.id)
         crashpoints.hit("cache.evict_dropped")
-        self._unlink(c.file)
+        if not later:
+            self._unlink(c.file)
+            return []
+        return self._set_aside(c.file)
 
     # ------------------------------------------------------------ maintenance
     def usage(self) -> dict:
