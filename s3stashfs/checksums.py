@@ -14,7 +14,10 @@ import hashlib
 import os
 import re
 import zlib
+from types import ModuleType
+from typing import Any
 
+_crc32c: ModuleType | None
 try:
     import crc32c as _crc32c
 except ImportError:  # pragma: no cover - a declared dependency
@@ -181,7 +184,8 @@ def hash_file(fd: int, size: int, bounds: list[tuple[int, int]] | None, part_alg
     parts: list[dict[str, bytes]] = []
     whole = {a: d for a in whole_algos if (d := new_digest(a)) is not None}
     bounds = bounds or []
-    i, cur = 0, None
+    i = 0
+    cur: dict[str, Any] | None = None  # the current part's digests
     pos = 0
     while pos < size:
         n = min(PIECE, size - pos)
@@ -192,13 +196,13 @@ def hash_file(fd: int, size: int, bounds: list[tuple[int, int]] | None, part_alg
             raise OSError(f"cache file is shorter than the object ({pos + len(chunk)} of {size} bytes)")
         for d in whole.values():
             d.update(chunk)
+        pos += n
         if i < len(bounds):
             if cur is None:
                 cur = {a: d for a in part_algos if (d := new_digest(a)) is not None}
             for d in cur.values():
                 d.update(chunk)
-        pos += n
-        if i < len(bounds) and pos >= bounds[i][1]:
-            parts.append({a: d.digest() for a, d in cur.items()})
-            cur, i = None, i + 1
+            if pos >= bounds[i][1]:
+                parts.append({a: d.digest() for a, d in cur.items()})
+                cur, i = None, i + 1
     return parts, {a: d.digest() for a, d in whole.items()}

@@ -215,6 +215,8 @@ class Fetcher:
             for blk in range(s, e):
                 obj.inflight[blk] = f
             self._busy.add(obj)
+            # set by the mount before pyfuse3.main() serves the first read
+            assert self.nursery is not None
             self.nursery.start_soon(self._run, obj, f, whole)
             out.append(f)
         return out
@@ -276,9 +278,11 @@ class Fetcher:
 
             def done(pos: int) -> None:  # in the worker thread, once all of it is written
                 crashpoints.hit("fetch.whole_written")
+                data_fd = held[0]
+                assert data_fd is not None  # the file was open, or open_it opened it, to be written
                 sums_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
                 try:
-                    write_sums(held[0], sums_fd, size, f.start, f.end)
+                    write_sums(data_fd, sums_fd, size, f.start, f.end)
                     os.fsync(sums_fd)  # no descriptor for Cache.sync to flush later
                 finally:
                     os.close(sums_fd)
@@ -288,8 +292,8 @@ class Fetcher:
             opener = self.cache.opener(obj)
 
             def open_it() -> int:  # in the worker thread
-                held[0] = opener()
-                return held[0]
+                data_fd = held[0] = opener()
+                return data_fd
 
             checked: list[str] = []
             fd = await self.store.fetch_whole(obj.bucket, obj.key, obj.etag, size,
@@ -338,9 +342,9 @@ class Fetcher:
         retried = False
         while not obj.present.covers(b0, b1):
             ev = obj.changed
-            failed = [f for f in fetches if f.done and f.error is not None]
+            failed = [f.error for f in fetches if f.done and f.error is not None]
             if failed:
-                raise _fresh_copy(failed[0].error)
+                raise _fresh_copy(failed[0])
             if not self.store.connectivity.online and not await self.store.recheck():
                 raise Unreachable(f"s3://{obj.bucket}/{obj.key}: S3 is unreachable")
             if all(f.done for f in fetches):

@@ -342,7 +342,7 @@ class Operations(pyfuse3.Operations):
             self.cache.record_error(h.obj.bucket, h.obj.key, f"read: {e}")
             raise
 
-    async def _read(self, h, off: int, size: int) -> bytes:
+    async def _read(self, h, off: int, size: int) -> bytes | memoryview:
         try:
             data = await self.fetcher.read(h.obj, h.state, off, size)
         except Changed as e:

@@ -331,7 +331,9 @@ class _Direct:
     def request(self, method: str, bucket: str, key: str, headers: dict[str, str]):
         """The urllib3 response (body not read), or None when botocore must do this call."""
         url = self._url(bucket, key) if self.enabled else None
-        creds = self._session.get_credentials() if url else None
+        if not url:
+            return None
+        creds = self._session.get_credentials()
         if creds is None:
             return None
         req = AWSRequest(method=method, url=url, headers={**headers, "User-Agent": _USER_AGENT})

@@ -210,8 +210,11 @@ class Uploader:
             return
         st.running += 1
         try:
+            upload_id = st.upload_id
+            # ready with no error: _stream_start set it (it is cancelled only with the whole mount)
+            assert upload_id is not None
             st.parts[i] = await self.store.upload_part(
-                obj.bucket, st.key, st.upload_id, i + 1, self.cache.ensure_open(obj),
+                obj.bucket, st.key, upload_id, i + 1, self.cache.ensure_open(obj),
                 i * st.part_size, st.part_size)
             crashpoints.hit("upload.stream_part_sent")
         except Exception as e:  # noqa: BLE001 - the close then uploads the whole file
@@ -239,14 +242,22 @@ class Uploader:
     async def _finish_stream(self, obj: CachedObject, fd: int, base: str | None) -> str:
         """Send the parts not sent yet, wait for all, and join them."""
         st = obj.stream
+        if st is None:
+            # broken since upload() chose it: unlink and an offline rename do not take the
+            # object's lock. Unexpected, so close() gets EIO and the traceback is logged.
+            raise RuntimeError(f"s3://{obj.bucket}/{obj.key}: its streamed upload was broken "
+                               "while the close was uploading it")
         await st.ready.wait()
         last = -(-obj.size // st.part_size)
         try:
             if st.error is not None:
                 raise st.error
+            upload_id = st.upload_id
+            assert upload_id is not None  # as in _stream_part
+
             async def part(_, i):
                 st.parts[i] = await self.store.upload_part(
-                    obj.bucket, st.key, st.upload_id, i + 1, fd, i * st.part_size,
+                    obj.bucket, st.key, upload_id, i + 1, fd, i * st.part_size,
                     min(st.part_size, obj.size - i * st.part_size))
             await run_all(part, range(st.next_part, last))
             while st.running:
@@ -254,7 +265,7 @@ class Uploader:
             if st.error is not None:
                 raise st.error
             etag = await self.store.complete_multipart(
-                obj.bucket, st.key, st.upload_id, [st.parts[i] for i in range(last)], base)
+                obj.bucket, st.key, upload_id, [st.parts[i] for i in range(last)], base)
         except BaseException:
             self.break_stream(obj)
             raise
@@ -389,10 +400,10 @@ class Uploader:
                 self._failed(obj, e)
                 raise
         else:
-            e = StoreError(f"s3://{obj.bucket}/{key}: no free conflict name after "
-                           f"{CONFLICT_TRIES} tries")
-            self._failed(obj, e)
-            raise e
+            err = StoreError(f"s3://{obj.bucket}/{key}: no free conflict name after "
+                             f"{CONFLICT_TRIES} tries")
+            self._failed(obj, err)
+            raise err
         obj.row.metadata = meta
         self.cache.move(obj.bucket, key, ckey)
         self._done(obj, gen, etag)

@@ -195,8 +195,9 @@ class Verifier:
         nothing to check it against when there are none."""
         size, etag = obj.size, obj.etag
         nparts = checksums.etag_parts(etag)
-        known = info.sizes is not None
-        bounds = (checksums.parts_of(list(info.sizes)) if known else
+        sizes = info.sizes
+        known = sizes is not None
+        bounds = (checksums.parts_of(list(sizes)) if sizes is not None else
                   checksums.uniform_parts(size, info.part_size) if info.part_size else None)
         algo, value = info.checksum or (None, None)
         ctype = info.checksum_type
@@ -204,13 +205,14 @@ class Verifier:
         part_algos: set[str] = set()
         if bounds and info.part_sums is not None:
             part_algos.add(info.part_sums[0])
-        if bounds and computable and nparts and ctype != "FULL_OBJECT":
+        if bounds and algo is not None and computable and nparts and ctype != "FULL_OBJECT":
             part_algos.add(algo)
         etag_check = nparts is not None and not info.encrypted
         strong = info.part_sums is not None or (computable and ctype is not None)
         if bounds and etag_check and not strong:
             part_algos.add("MD5")
-        whole_algos = (algo,) if computable and (ctype != "COMPOSITE" or not nparts) else ()
+        whole_algos: tuple[str, ...] = ((algo,) if algo is not None and computable
+                                        and (ctype != "COMPOSITE" or not nparts) else ())
         parts, whole = await trio.to_thread.run_sync(
             checksums.hash_file, fd, size, bounds, tuple(part_algos), whole_algos)
         findings: list[_Finding] = []
@@ -227,9 +229,9 @@ class Verifier:
                                      "; ".join(f"bytes {b[0]}-{b[1]}: {g} != {w}" for b, g, w in bad),
                                      [b for b, _, _ in bad], needs_layout=True))
         if bounds and algo in part_algos:
-            got = checksums.composite(algo, [p[algo] for p in parts])
-            findings.append(_Finding(f"parts-{algo.lower()}", got == value, ctype == "COMPOSITE",
-                                     f"{got} != {value}", needs_layout=True))
+            joined = checksums.composite(algo, [p[algo] for p in parts])
+            findings.append(_Finding(f"parts-{algo.lower()}", joined == value, ctype == "COMPOSITE",
+                                     f"{joined} != {value}", needs_layout=True))
         if bounds and "MD5" in part_algos:
             got = checksums.multipart_etag([p["MD5"] for p in parts])
             findings.append(_Finding("multipart-etag", got == etag, True, f"{got} != {etag}",
@@ -241,7 +243,7 @@ class Verifier:
         for f in findings:
             f.proof = f.conclusive(known)
         findings = [f for f in findings if f.ok or f.proof]
-        if not findings and etag_check and not bounds:
+        if not findings and etag_check and nparts is not None and not bounds:
             findings = await self._guess_part_size(obj, fd, nparts)
         if info.encrypted and algo is None:
             why = "SSE-KMS or SSE-C (the ETag is no MD5), and no checksum"
@@ -405,14 +407,14 @@ def summary(cache: Cache) -> dict:
         complete = r.complete
         if obj is not None and obj.row.file == r.file:
             r, complete = obj.row, obj.complete
+        by = r.verified_by or ""
         if not complete:
             partial += 1
         elif r.verified:
             how = r.verified_by or ("md5" if is_md5_etag(r.etag) else "s3")
             verified[how] = verified.get(how, 0) + 1
-        elif (r.verified_by or "").startswith(UNVERIFIABLE):
-            unverifiable.append({"bucket": r.bucket, "key": r.key,
-                                 "why": r.verified_by[len(UNVERIFIABLE):]})
+        elif by.startswith(UNVERIFIABLE):
+            unverifiable.append({"bucket": r.bucket, "key": r.key, "why": by[len(UNVERIFIABLE):]})
         else:
             unverified.append({"bucket": r.bucket, "key": r.key})
     return {"verified": verified, "not_verifiable": unverifiable, "not_yet_verified": unverified,

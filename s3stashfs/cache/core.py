@@ -95,6 +95,7 @@ class Cache(SpaceMixin, IntegrityMixin):
             obj.last_access = time.time()
         if info.from_head and obj.row.metadata != dict(info.metadata):
             obj.row.metadata, obj.row.mtime_ns = dict(info.metadata), info.mtime_ns
+            assert obj.row.id is not None  # an object's row is read from or put in the catalog
             self.catalog.set_metadata(obj.row.id, info.mtime_ns, obj.row.metadata)
         return obj, same
 
@@ -245,6 +246,7 @@ class Cache(SpaceMixin, IntegrityMixin):
             self._retire(obj)
         row = self.catalog.get(self.origin, bucket, key)
         if row is not None:
+            assert row.id is not None  # read from the catalog
             self.catalog.delete(row.id)
             self._unlink(row.file)
         self.catalog.journal_forget(self.origin, bucket, key, "upload")
@@ -372,6 +374,7 @@ class Cache(SpaceMixin, IntegrityMixin):
         if obj.current:
             if self._objects.get((obj.bucket, obj.key)) is obj:
                 del self._objects[(obj.bucket, obj.key)]
+                assert obj.row.id is not None  # an object's row is read from or put in the catalog
                 self.catalog.update_state([(obj.row.id, obj.present.to_bytes(), obj.complete,
                                             obj.row.verified, obj.last_access)])
         else:
@@ -423,7 +426,9 @@ class Cache(SpaceMixin, IntegrityMixin):
             o.row_changed = False
             o.syncing = True  # keep the descriptor open while the thread fsyncs it
         try:
-            fds = [o.fd for o in objs] + [o.sums_fd for o in objs if o.sums_fd is not None]
+            # all of objs: none has closed its file since they were chosen (no await since)
+            fds = [o.fd for o in objs if o.fd is not None]
+            fds += [o.sums_fd for o in objs if o.sums_fd is not None]
             await trio.to_thread.run_sync(fsync_all, fds, self._dir_fd)
             crashpoints.hit("cache.sync_fsynced")
             for o, r, c, _v, a, whole in snaps:

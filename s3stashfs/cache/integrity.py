@@ -23,6 +23,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from crc32c import crc32c
@@ -33,6 +34,9 @@ from .catalog import Candidate
 from .files import md5_of
 from .objects import BLOCK_SIZE, OLD_SUMS_SUFFIX, SIDECARS, SUMS_SUFFIX, CachedObject
 from .ranges import RangeSet
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,21 @@ class IntegrityMixin:
     ``_damaged``: data file -> blocks dropped by a failed check during this mount, so that a
     read of them while S3 is unreachable fails with EIO (bad bytes) rather than ENETUNREACH
     (not cached), and so that a damaged object is logged once, not per block or per read."""
+
+    # set by Cache.__init__
+    catalog: Catalog
+    dir: Path
+    origin: str
+    file_mode: int
+    _busy_files: set[str]
+    _objects: dict[tuple[str, str], CachedObject]
+    _damaged: dict[str, set[int]]
+
+    if TYPE_CHECKING:  # Cache's and SpaceMixin's
+        def ensure_open(self, obj: CachedObject) -> int: ...
+        def release_if_idle(self, obj: CachedObject) -> None: ...
+        def record_error(self, bucket: str, key: str, message: str) -> None: ...
+        def _fill_now(self) -> None: ...
 
     # ------------------------------------------------------------ the sidecars
     def ensure_sums(self, obj: CachedObject) -> int:
@@ -141,7 +160,9 @@ class IntegrityMixin:
     def damaged(self, obj: CachedObject, b0: int, b1: int) -> bool:
         """Some block of [b0, b1) not present was dropped by a failed check in this mount."""
         seen = self._damaged.get(obj.row.file)
-        return bool(seen) and any(b in seen and b not in obj.present for b in range(b0, b1))
+        if not seen:
+            return False
+        return any(b in seen and b not in obj.present for b in range(b0, b1))
 
     async def _seal(self, obj: CachedObject) -> None:
         """A complete single-part object with blocks lacking sums (fetched whole by an earlier
@@ -153,8 +174,8 @@ class IntegrityMixin:
         obj.summing = done = trio.Event()
         gen = obj.gen
         try:
-            fds = [os.dup(self.ensure_open(obj)), os.dup(self.ensure_sums(obj))]
-            digest = await trio.to_thread.run_sync(_seal_closing, *fds, obj.size, obj.etag)
+            fd, sums_fd = os.dup(self.ensure_open(obj)), os.dup(self.ensure_sums(obj))
+            digest = await trio.to_thread.run_sync(_seal_closing, fd, sums_fd, obj.size, obj.etag)
             if obj.dirty or obj.gen != gen:
                 self._drop_sums(obj)  # changed locally meanwhile: not S3's bytes to seal
             elif digest == obj.etag:
@@ -177,9 +198,9 @@ class IntegrityMixin:
         changes it): sum its bytes, so that once S3 has exactly them, reads after a remount are
         checked like any other. ``uploaded`` keeps the sums only for the generation S3 got."""
         if obj.dirty and obj.gen == gen and obj.summed_gen != gen:
-            fds = [os.dup(self.ensure_open(obj)), os.dup(self.ensure_sums(obj))]
+            fd, sums_fd = os.dup(self.ensure_open(obj)), os.dup(self.ensure_sums(obj))
             try:
-                await trio.to_thread.run_sync(_sum_closing, *fds, obj.size)
+                await trio.to_thread.run_sync(_sum_closing, fd, sums_fd, obj.size)
             except OSError as e:  # the object is then read as unsummed: checked another way
                 log.warning("s3://%s/%s: cannot store the checksums of the local copy: %s",
                             obj.bucket, obj.key, e)
@@ -241,16 +262,16 @@ class IntegrityMixin:
         """Drop blocks ``bad`` of the object whose file is ``file``, if it is still that object
         and still clean; returns the bytes dropped."""
         obj = self._objects.get((c.bucket, c.key)) if c.origin == self.origin else None
+        row = None
         if obj is not None and obj.row.file == file and not obj.dirty:
-            present = obj.present
+            present, size = obj.present, obj.size
         elif obj is None:
             row = self.catalog.get(c.origin, c.bucket, c.key)
             if row is None or row.file != file or row.dirty:
                 return 0
-            present = RangeSet.from_bytes(row.ranges)
+            present, size = RangeSet.from_bytes(row.ranges), row.size
         else:
             return 0
-        size = obj.size if obj is not None else row.size
         lost = 0
         for b in bad:
             if b in present:
@@ -263,6 +284,8 @@ class IntegrityMixin:
             obj.wake()
             self._damaged.setdefault(file, set()).update(bad)  # offline: EIO, not "not cached"
         else:
+            # obj is None: ``row`` is the catalog's, and rows read from the catalog have an id
+            assert row is not None and row.id is not None
             self.catalog.drop_blocks(row.id, present.to_bytes() if len(present) else None)
         return lost
 

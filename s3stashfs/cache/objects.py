@@ -9,11 +9,15 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from .catalog import Row
 from .ranges import RangeSet
+
+if TYPE_CHECKING:
+    from ..uploads import _Stream
 
 BLOCK_SIZE = 64 * 1024
 SUMS_SUFFIX = ".crc32c"  # the sums sidecar: a CRC32C per block (see integrity.py)
@@ -79,7 +83,7 @@ class CachedObject:
         self.retry_at = 0.0
         self.retry_delay = 0.0
         self.seq_end = -1  # where the next write must land to keep the file "front to back"
-        self.stream = None  # uploads._Stream: parts uploaded while the file is written
+        self.stream: _Stream | None = None  # parts uploaded while the file is written
         self.journaled_gen = 0  # the generation whose close put it in the journal's order
         self.last_error: str | None = None  # why its last upload failed
 

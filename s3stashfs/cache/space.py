@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -17,6 +18,11 @@ from .. import crashpoints
 from .catalog import Candidate
 from .files import reserve_bytes, unlink_all
 from .objects import is_index
+
+if TYPE_CHECKING:
+    from ..config import Space
+    from .catalog import Catalog
+    from .objects import CachedObject
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,21 @@ FILL_BATCH = 500  # rows of an older catalog sized between checkpoints
 
 class SpaceMixin:
     """The Cache's limits and eviction (see ``Cache`` for the state it uses)."""
+
+    # set by Cache.__init__
+    catalog: Catalog
+    origin: str
+    max_size: int | None
+    min_free: Space
+    _dir_fd: int
+    _limits_wanted: trio.Event
+    _over_warned: bool
+    _busy_files: set[str]
+    _objects: dict[tuple[str, str], CachedObject]
+    _retired: set[CachedObject]
+
+    if TYPE_CHECKING:  # Cache's
+        def _unlink(self, rel: str) -> None: ...
 
     def disk_space(self) -> tuple[int, int]:
         """(free, total) bytes of the cache's filesystem, as an unprivileged user sees them."""
@@ -134,7 +155,7 @@ class SpaceMixin:
         """What the cache holds (recorded blocks; the last second's fetches may be missing)."""
         self._fill_now()
         free, total = self.disk_space()
-        out = self.catalog.usage()
+        out: dict[str, int | None] = dict(self.catalog.usage())
         out.update(bytes=self.catalog.total_held(), max_size=self.max_size,
                    min_free=self._min_free(total), disk_free=free, disk_total=total)
         return out
