@@ -49,6 +49,8 @@ class SpaceMixin:
     if TYPE_CHECKING:  # Cache's
         def _unlink(self, rel: str) -> None: ...
 
+        def _set_aside(self, rel: str) -> list[str]: ...
+
     def disk_space(self) -> tuple[int, int]:
         """(free, total) bytes of the cache's filesystem, as an unprivileged user sees them."""
         st = os.statvfs(self._dir_fd)
