@@ -18,9 +18,10 @@ midway and a few trickled ones, and uploads of a few files refused for the whole
 Workers are processes (tests/load_worker.py), released together; each records every system
 call it makes (begin, end, errno, time), which is what the watchdog and the checks read.
 
-Found by it, and kept as strict xfails until fixed: lookups of names in one directory wait for
-each other in the kernel with libfuse before 3.17 (test_lookups_in_one_directory_run_side_by_side),
-and the heavier run (-m slow) peaks near 250 MiB of RSS (Load.rss_defect).
+Found by it, and kept as a strict xfail until fixed: lookups of names in one directory wait for
+each other in the kernel with libfuse before 3.17 (test_lookups_in_one_directory_run_side_by_side).
+(The heavier run (-m slow) once peaked near 250 MiB of RSS, freed buffers kept by glibc's
+per-thread arenas; the daemon now limits its arenas and trims its heap: see mount.tame_malloc.)
 """
 from __future__ import annotations
 
@@ -105,17 +106,12 @@ class Load:
     multipart_every: int  # every n-th writer also writes a multipart file of multipart_size
     multipart_size: int
     deadline: float  # the whole run, from the release of the workers to the last one's end
-    rss_defect: str | None = None  # why the peak RSS is known to exceed RSS_LIMIT (xfail, strict)
 
 
 LIGHT = Load(big_size=4 * MiB + 4099, writer_sizes=(3 * KiB, 700 * KiB + 11, 2 * MiB + 5),
              multipart_every=2, multipart_size=6 * MiB + 17, deadline=100.0)
 HEAVY = Load(big_size=8 * MiB + 4099, writer_sizes=(3 * KiB, 700 * KiB + 11, 2 * MiB + 5, 5 * MiB),
-             multipart_every=1, multipart_size=11 * MiB + 17, deadline=240.0, rss_defect=(
-                 "peak RSS about 250 MiB: glibc keeps freed MiB-sized buffers (1 MiB pieces of downloads; "
-                 "every upload part and PUT read whole into memory, 5 MiB here) in its per-thread arenas once "
-                 "its mmap threshold has risen to their size; with MALLOC_MMAP_THRESHOLD_=131072 in the "
-                 "mount's environment the same run peaks near 127 MiB"))
+             multipart_every=1, multipart_size=11 * MiB + 17, deadline=240.0)
 
 
 READERS = WRITERS = 16
@@ -411,8 +407,6 @@ def run_load(load: Load, request, mount, s3, bucket, s3_proxy, workers) -> dict:
     print("after the load:", json.dumps({k: figures[k] for k in ("closes_failed", "sync_exit", "sync_s")}))
 
     # ------------------------------------------------------------- memory, last
-    if load.rss_defect:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=RssOverLimit, reason=load.rss_defect))
     if status["VmHWM"] > RSS_LIMIT:
         raise RssOverLimit(f"the daemon's peak RSS: {status['VmHWM'] / MiB:.0f} MiB > {RSS_LIMIT / MiB:.0f}")
 
