@@ -386,7 +386,9 @@ def test_user_xattrs_are_object_metadata(mount, s3, bucket):
     assert os.getxattr(f, "user.s3.etag") == etag.encode()
     assert os.getxattr(f, "user.s3.cache") == b"none"
     f.read_bytes()
-    assert os.getxattr(f, "user.s3.cache") == b"complete, verified (MD5)"
+    # recorded once the GET's thread hands over, which may come just after the read's answer
+    helpers.wait_for(lambda: os.getxattr(f, "user.s3.cache") == b"complete, verified (MD5)",
+                     timeout=10, message="r.csv recorded as verified by its MD5")
     os.setxattr(f, "user.project", b"alpha")
     os.setxattr(f, "user.owner", b"lab-7")
     assert s3.head_object(Bucket=bucket, Key="r.csv")["Metadata"] == {"project": "alpha", "owner": "lab-7"}
