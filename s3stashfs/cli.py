@@ -82,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for S3 to answer a metadata request before the mount "
                         "goes offline (default 5; connecting waits 0.4x, a stalled download 2x, "
                         "an upload 6x this) [S3STASHFS_TIMEOUT]")
+    m.add_argument("--no-sign-request", action="store_true",
+                   help="send requests unsigned, for public buckets; no credentials needed "
+                        "[S3STASHFS_NO_SIGN_REQUEST]")
+    m.add_argument("--requester-pays", action="store_true",
+                   help="agree to pay for requests to requester-pays buckets "
+                        "[S3STASHFS_REQUESTER_PAYS]")
+    m.add_argument("--ca-bundle", metavar="FILE",
+                   help="CA certificates to trust for HTTPS (default: boto3's: AWS_CA_BUNDLE, "
+                        "the profile's ca_bundle, certifi) [S3STASHFS_CA_BUNDLE]")
+    m.add_argument("--no-verify-ssl", action="store_true",
+                   help="do not check S3's certificate (insecure; logged at every mount) "
+                        "[S3STASHFS_NO_VERIFY_SSL]")
     m.add_argument("--log-file", metavar="F",
                    help="log file (default: stderr in the foreground, "
                         "$XDG_STATE_HOME/s3stashfs/s3stashfs.log otherwise) [S3STASHFS_LOG_FILE]")
@@ -184,7 +196,8 @@ def _settings(args):
     flags = {k: getattr(args, k, None) for k in (
         "endpoint_url", "region", "profile", "bucket", "cache_dir", "metadata_ttl", "log_file",
         "timeout", "read_only", "allow_other", "xattrs", "foreground", "debug", "offline_writes",
-        "cache_max_size", "cache_min_free")}
+        "cache_max_size", "cache_min_free", "no_sign_request", "requester_pays", "ca_bundle",
+        "no_verify_ssl")}
     return config.load(flags)
 
 

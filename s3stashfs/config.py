@@ -80,6 +80,12 @@ class Settings:
     # seconds a metadata request waits for S3's answer; the other waits scale with it
     # (store.Timeouts): connecting 0.4x, between two reads of a download 2x, an upload 6x
     timeout: float = DEFAULT_TIMEOUT
+    # real AWS (docs/SEMANTICS.md, "Real AWS"): unsigned requests for public buckets; the
+    # requester-pays header on every request; the CA bundle and certificate checking of HTTPS
+    no_sign_request: bool = False
+    requester_pays: bool = False
+    ca_bundle: Path | None = None  # None: boto3's (AWS_CA_BUNDLE, the profile's ca_bundle, certifi)
+    no_verify_ssl: bool = False
     # AWS_* lines of the env file, handed to boto3's credential chain; never logged.
     aws_env: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
 
@@ -253,6 +259,10 @@ _SPECS: dict[str, tuple[Callable[[str], Any], str]] = {
     "cache_max_size": (_max_size, "S3STASHFS_CACHE_MAX_SIZE"),
     "cache_min_free": (_min_free, "S3STASHFS_CACHE_MIN_FREE"),
     "timeout": (_parse_timeout, "S3STASHFS_TIMEOUT"),
+    "no_sign_request": (_parse_bool, "S3STASHFS_NO_SIGN_REQUEST"),
+    "requester_pays": (_parse_bool, "S3STASHFS_REQUESTER_PAYS"),
+    "ca_bundle": (_path, "S3STASHFS_CA_BUNDLE"),
+    "no_verify_ssl": (_parse_bool, "S3STASHFS_NO_VERIFY_SSL"),
 }
 _ENV_KEYS = {env for _, env in _SPECS.values()} | {ENV_FILE_VAR}
 
@@ -323,8 +333,9 @@ def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
         values["bucket"], values["prefix"] = bucket
     values.setdefault("cache_dir", default_cache_dir(environ))
     values["cache_dir"] = Path(os.path.abspath(values["cache_dir"]))
-    if values.get("log_file") is not None:
-        values["log_file"] = Path(os.path.abspath(values["log_file"]))
+    for name in ("log_file", "ca_bundle"):
+        if values.get(name) is not None:
+            values[name] = Path(os.path.abspath(values[name]))
     if flags.get("debug"):
         values["log_level"] = "DEBUG"
     values["foreground"] = bool(flags.get("foreground"))

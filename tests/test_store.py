@@ -277,7 +277,7 @@ def test_copy_above_the_copyobject_limit_uses_part_copies(moto_server, s3, bucke
     """The multipart copy path (objects over 5 GiB), with the limit lowered to test it against
     the real server: every part copied, the metadata kept, the bytes equal."""
     import helpers
-    from s3stashfs import store as store_module
+    from s3stashfs.store import transfer as store_module
     data = helpers.random_bytes(12 * 1024 * 1024 + 5, seed=21)
     s3.put_object(Bucket=bucket, Key="big.bin", Body=data, Metadata={"project": "x"})
     etag = s3.head_object(Bucket=bucket, Key="big.bin")["ETag"].strip('"')
