@@ -316,12 +316,14 @@ class Verifier:
         self.cache.record_error(obj.bucket, obj.key, msg)
         if f.bad_parts:
             for s, e in f.bad_parts:
+                self.cache.note_damaged(obj, s // BLOCK_SIZE, -(-e // BLOCK_SIZE))
                 obj.present.discard(s // BLOCK_SIZE, -(-e // BLOCK_SIZE))
             obj.row.verified = False
             obj.row.verified_by = None
             obj.row_changed = obj.unsynced = True
             obj.wake()
         else:
+            self.cache.note_damaged(obj, 0, obj.nblocks)
             obj.drop_all()
             self._parts_ok.pop(obj, None)
         for fn in self.on_dropped:

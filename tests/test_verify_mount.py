@@ -5,6 +5,7 @@ not S3's is dropped, recorded for status and fetched again; `cache verify` repor
 object stands against S3 and checks again those not yet verified."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -125,6 +126,30 @@ def test_damaged_multipart_object_is_dropped_recorded_and_fetched_again(mount, s
                      timeout=30, message="the refetched bytes verified")
     assert len(dropped()) == 1
     assert len([ln for ln in m.log_text().splitlines() if "do not match" in ln]) == 1
+
+
+@pytest.mark.expect_log("do not match S3's multipart ETag|unreachable|offline")
+def test_offline_bytes_dropped_by_the_object_check_give_eio(mount, s3, bucket, s3_proxy):
+    """Bytes dropped by the check of the whole object (not by a block's own sum) are known to
+    be bad: while S3 is unreachable, a read of them fails with EIO, not ENETUNREACH."""
+    data = helpers.random_bytes(SIZE, seed="dropped-offline")
+    upload(s3, bucket, "reads.bam", data)
+    m = mount(bucket=bucket, endpoint_url=s3_proxy.url, extra_args=["--xattrs"])
+    p = m.path / "reads.bam"
+    assert helpers.read_range(p, 0, 100_000) == data[:100_000]
+    m.unmount()
+    damage_cached_byte(m.cache_dir, "reads.bam", 1000)
+    m.remount(extra_args=["--xattrs"])
+    read_all(p)
+    helpers.wait_for(lambda: "do not match" in m.log_text(), timeout=30,
+                     message="the mismatch found by the object's check")
+    helpers.cut_off(m, s3_proxy)
+    for off in (0, SIZE - 5000):
+        with pytest.raises(OSError) as e:
+            helpers.read_range(p, off, 4096)
+        assert e.value.errno == errno.EIO, e.value
+    helpers.reconnect(m, s3_proxy)
+    assert read_all(p) == data
 
 
 @pytest.mark.expect_log("unreachable|could not be reached")

@@ -157,6 +157,11 @@ class IntegrityMixin:
                     "reads of them fail with EIO)", obj.bucket, obj.key, len(blocks),
                     blocks[0] * BLOCK_SIZE, error or NO_SUM)
 
+    def note_damaged(self, obj: CachedObject, b0: int, b1: int) -> None:
+        """Blocks [b0, b1) were dropped by a check made elsewhere (verify.py, whole objects and
+        parts): while S3 is unreachable, reads of them fail with EIO as for a block's own sum."""
+        self._damaged.setdefault(obj.row.file, set()).update(range(b0, b1))
+
     def damaged(self, obj: CachedObject, b0: int, b1: int) -> bool:
         """Some block of [b0, b1) not present was dropped by a failed check in this mount."""
         seen = self._damaged.get(obj.row.file)
