@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 # S3's words for a session token it will not take; a refresh may cure them
 TOKEN_CODES = {"ExpiredToken", "InvalidToken", "TokenRefreshRequired", "ExpiredTokenException"}
-# a bodiless 400 to a HEAD may be an expired token: a forced refresh for it at most this often
+# a bodiless 400 to a HEAD may be an expired token; when a refresh did not cure one, the next
+# such 400s are not taken for one for this long (a forced refresh each would be costly)
 MAYBE_EVERY = 60.0
 _SSO_ERRORS = (bexc.SSOError, bexc.TokenRetrievalError)
 _PROVIDER_ERRORS = (bexc.NoCredentialsError, bexc.PartialCredentialsError,
@@ -106,6 +107,7 @@ class Credentials:
         self.refreshes = 0  # forced ones
         self._lock = threading.Lock()
         self._renewed = -math.inf  # time.monotonic() of the last forced refresh
+        self._no_maybe_until = -math.inf  # a refresh did not cure a HEAD's 400: none till then
         # botocore logs each failed refresh as a warning with a traceback, whose text is the
         # provider's (a credential_process's stderr): we say it once, in our words, scrubbed
         logging.getLogger("botocore.credentials").setLevel(logging.CRITICAL)
@@ -129,11 +131,13 @@ class Credentials:
         except CredentialsFailed as e:
             if not e.rejected:
                 raise self._advised(e) from e.__cause__
+            if not e.certain:  # no token at fault, it seems (an SSE-C object's HEAD, say)
+                self._no_maybe_until = time.monotonic() + MAYBE_EVERY
             raise self._stuck(e, refreshed=True) from None
 
     def _renew(self, e: CredentialsFailed, started: float) -> bool:
         """Force the credentials to refresh (unless another request did since this one began).
-        False when they cannot: static keys, or a mere maybe (see MAYBE_EVERY) too soon again.
+        False when they cannot: static keys, or a mere maybe (see MAYBE_EVERY).
 
         botocore has no public way to force a refresh; ``_protected_refresh`` under
         ``_refresh_lock`` is what its own ``_refresh`` does inside the mandatory window."""
@@ -144,7 +148,7 @@ class Credentials:
         with self._lock:
             if self._renewed > started:
                 return True  # refreshed after this request was signed: just try again
-            if not e.certain and time.monotonic() - self._renewed < MAYBE_EVERY:
+            if not e.certain and time.monotonic() < self._no_maybe_until:
                 return False
             try:
                 with lock:
