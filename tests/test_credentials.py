@@ -305,3 +305,49 @@ def test_sso_session_ended_at_mount_says_what_to_run(mount, bucket, s3_proxy, tm
                           "AWS_CONFIG_FILE": str(cfg), "HOME": str(home)})
     assert r.returncode != 0
     assert "credentials expired: run `aws sso login --profile work`" in r.stderr.decode()
+
+
+def test_credential_endpoint_failures_are_not_s3_unreachable():
+    """A provider that cannot reach its own endpoint (STS, SSO, a container endpoint) fails the
+    request with EACCES and a credential message; the same network error from S3 itself is
+    still Unreachable (ENETUNREACH). Nothing secret in the message."""
+    import datetime
+
+    import botocore.exceptions as bexc
+    from botocore.credentials import ContainerProvider, RefreshableCredentials
+    from botocore.utils import ContainerMetadataFetcher
+
+    from s3stashfs.errors import CredentialsFailed, Unreachable
+    from s3stashfs.store import _classify
+
+    def sts_down():
+        raise bexc.EndpointConnectionError(endpoint_url="https://sts.example.invalid/")
+    expired = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=1)
+    creds = RefreshableCredentials("ASIAEXAMPLEEXAMPLE12", "s" * 40, "t" * 64, expired, sts_down,
+                                   "assume-role")
+    with pytest.raises(bexc.EndpointConnectionError) as e:
+        creds.get_frozen_credentials()
+    err = _classify(e.value, "GET s3://b/k")
+    assert isinstance(err, CredentialsFailed) and err.errno == errno.EACCES
+    assert str(err).startswith("GET s3://b/k: the credential provider failed: assume-role: "
+                               "EndpointConnectionError")
+    assert "s" * 40 not in str(err) and "t" * 64 not in str(err)
+    try:
+        raise bexc.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/")
+    except bexc.EndpointConnectionError as s3_down:
+        assert isinstance(_classify(s3_down, "GET s3://b/k"), Unreachable)
+
+    port = helpers_free_port()
+    provider = ContainerProvider(
+        environ={"AWS_CONTAINER_CREDENTIALS_FULL_URI": f"http://127.0.0.1:{port}/creds"},
+        fetcher=ContainerMetadataFetcher(sleep=lambda s: None))
+    with pytest.raises(bexc.CredentialRetrievalError) as e2:
+        provider.load()
+    err = _classify(e2.value, "LIST s3://b/")
+    assert isinstance(err, CredentialsFailed) and err.errno == errno.EACCES
+    assert "the credential provider failed: container credentials endpoint: " in str(err)
+
+
+def helpers_free_port() -> int:
+    from conftest import free_port
+    return free_port()

@@ -57,6 +57,18 @@ def is_provider_failure(e: BaseException) -> bool:
     return False
 
 
+def _method_in(e: BaseException) -> str | None:
+    """The METHOD of the credentials object whose refresh raised ``e``, from its traceback."""
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") in _PROVIDER_MODULES:
+            method = getattr(tb.tb_frame.f_locals.get("self"), "method", None)
+            if isinstance(method, str):
+                return method
+        tb = tb.tb_next
+    return None
+
+
 def scrub(text: str, limit: int = 160) -> str:
     """A provider's words fit for a log and ``status``: the first line, anything that looks like
     a key, secret or token cut out, at most ``limit`` characters."""
@@ -88,7 +100,7 @@ def failure(e: BaseException, what: str, method: str | None = None,
         reason = str(kwargs.get("error_msg") or e)
     else:
         reason = f"{type(e).__name__}: {e}"
-    kind = kind_of(kwargs.get("provider") or method)
+    kind = kind_of(kwargs.get("provider") or method or _method_in(e))
     return CredentialsFailed(what, f"the credential provider failed: {kind}: {scrub(reason)}")
 
 
