@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from conftest import S3STASHFS_BIN
+from conftest import S3STASHFS_BIN, free_port
 from proxy import Fault
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -229,9 +229,11 @@ def test_failing_credential_source_is_eacces_not_offline(mount, s3, bucket, s3_p
     helpers.put_object(s3, bucket, "cached.bin", cached)
     helpers.put_object(s3, bucket, "later.bin", later)
     helpers.put_object(s3, bucket, "dir/x.txt", b"x\n")
+    helpers.put_object(s3, bucket, "edit.txt", b"one\n")
     source.lifetime(1.5)
     m = mount_with(mount, bucket, s3_proxy, source, "--metadata-ttl", "0")
     assert (m.path / "cached.bin").read_bytes() == cached
+    assert (m.path / "edit.txt").read_bytes() == b"one\n"
 
     source.fail()
     wait_expired(source)
@@ -242,6 +244,11 @@ def test_failing_credential_source_is_eacces_not_offline(mount, s3, bucket, s3_p
         os.listdir(m.path / "dir")
     assert e.value.errno == errno.EACCES, e.value
     assert (m.path / "cached.bin").read_bytes() == cached  # served from the cache
+    f = open(m.path / "edit.txt", "ab")  # a cached file takes a change; its upload fails
+    f.write(b"two\n")
+    with pytest.raises(OSError) as e:
+        f.close()
+    assert e.value.errno == errno.EACCES, e.value
 
     r = status(m)
     assert r.returncode == 0, (r.stdout, r.stderr)  # online: S3 was never unreachable
@@ -257,6 +264,9 @@ def test_failing_credential_source_is_eacces_not_offline(mount, s3, bucket, s3_p
     source.succeed()
     assert (m.path / "later.bin").read_bytes() == later
     assert os.listdir(m.path / "dir") == ["x.txt"]
+    helpers.wait_for(lambda: s3.get_object(Bucket=bucket, Key="edit.txt")["Body"].read()
+                     == b"one\ntwo\n", timeout=60, interval=0.2,
+                     message="the change kept in the cache to reach S3")
     st = status_json(m)
     assert st["credentials"] is None and st["online"] is True
     assert "credentials" not in status(m).stdout.replace("AWS credentials", "")
@@ -287,7 +297,7 @@ def test_failing_source_at_mount_says_so(mount, bucket, s3_proxy, source):
     m, r = mount.run(bucket=bucket, endpoint_url=s3_proxy.url, extra_args=["--profile", PROFILE],
                      env={"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
                           "AWS_CONFIG_FILE": str(source.config)})
-    assert r.returncode != 0
+    assert r.returncode == 1
     err = r.stderr.decode()
     assert "the credential provider failed: credential_process: token broker unavailable" in err
 
@@ -303,7 +313,7 @@ def test_sso_session_ended_at_mount_says_what_to_run(mount, bucket, s3_proxy, tm
     m, r = mount.run(bucket=bucket, endpoint_url=s3_proxy.url, extra_args=["--profile", "work"],
                      env={"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
                           "AWS_CONFIG_FILE": str(cfg), "HOME": str(home)})
-    assert r.returncode != 0
+    assert r.returncode == 1
     assert "credentials expired: run `aws sso login --profile work`" in r.stderr.decode()
 
 
@@ -322,7 +332,7 @@ def test_credential_endpoint_failures_are_not_s3_unreachable():
 
     def sts_down():
         raise bexc.EndpointConnectionError(endpoint_url="https://sts.example.invalid/")
-    expired = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=1)
+    expired = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
     creds = RefreshableCredentials("ASIAEXAMPLEEXAMPLE12", "s" * 40, "t" * 64, expired, sts_down,
                                    "assume-role")
     with pytest.raises(bexc.EndpointConnectionError) as e:
@@ -337,7 +347,7 @@ def test_credential_endpoint_failures_are_not_s3_unreachable():
     except bexc.EndpointConnectionError as s3_down:
         assert isinstance(_classify(s3_down, "GET s3://b/k"), Unreachable)
 
-    port = helpers_free_port()
+    port = free_port()
     provider = ContainerProvider(
         environ={"AWS_CONTAINER_CREDENTIALS_FULL_URI": f"http://127.0.0.1:{port}/creds"},
         fetcher=ContainerMetadataFetcher(sleep=lambda s: None))
@@ -346,8 +356,3 @@ def test_credential_endpoint_failures_are_not_s3_unreachable():
     err = _classify(e2.value, "LIST s3://b/")
     assert isinstance(err, CredentialsFailed) and err.errno == errno.EACCES
     assert "the credential provider failed: container credentials endpoint: " in str(err)
-
-
-def helpers_free_port() -> int:
-    from conftest import free_port
-    return free_port()

@@ -58,8 +58,7 @@ class Client(RetryMixin):
         except Exception as e:
             if not is_provider_failure(e):
                 raise
-            problem = failure(e, "AWS credentials", profile=session.profile_name).problem
-            raise MountError(f"cannot get AWS credentials: {problem}") from None
+            raise MountError(failure(e, "AWS credentials", profile=session.profile_name).problem) from None
         self.credentials = Credentials(session)
         self._direct = _Direct(self._clients["meta"], session, style, self.timeouts,
                                data_threads + meta_threads + 2)
