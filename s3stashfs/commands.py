@@ -170,7 +170,7 @@ def cmd_status(settings, args) -> int:
     print(f"  endpoint   {st['endpoint']}")
     if st.get("credentials"):  # S3 cannot be asked until fresh credentials come
         c = st["credentials"]
-        print(f"  credentials  {c['problem']} (since {when(c['since'])})")
+        print(f"  credentials {c['problem']} (since {when(c['since'])})")
     u = st["cache"]
     limit = f"limit {size(u['max_size'])}" if u.get("max_size") else "no size limit"
     print(f"  cache      {size(u['bytes'])} in {u['objects']} files ({limit}, keep "
