@@ -168,6 +168,9 @@ def cmd_status(settings, args) -> int:
     else:
         print(f"not mounted (cache {st['cache_dir']})")
     print(f"  endpoint   {st['endpoint']}")
+    if st.get("credentials"):  # S3 cannot be asked until fresh credentials come
+        c = st["credentials"]
+        print(f"  credentials {c['problem']} (since {when(c['since'])})")
     u = st["cache"]
     limit = f"limit {size(u['max_size'])}" if u.get("max_size") else "no size limit"
     print(f"  cache      {size(u['bytes'])} in {u['objects']} files ({limit}, keep "

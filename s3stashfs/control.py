@@ -152,6 +152,7 @@ class ControlServer:
             "endpoint": m.settings.origin,
             "online": conn.online,
             "since": conn.since,
+            "credentials": m.store.credentials.status(),  # None, or {"problem", "since"}
             "cache_dir": str(m.settings.cache_dir),
             "offline_writes": m.settings.offline_writes,
             "read_only": m.settings.read_only,

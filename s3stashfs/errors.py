@@ -66,6 +66,21 @@ class Denied(S3StashError):
     errno = errno.EACCES
 
 
+class CredentialsFailed(Denied):
+    """No usable AWS credentials: the provider chain failed (an SSO session that ended, a
+    credential_process or container endpoint that errs), or S3 refused the session token as
+    expired and no fresh one came. EACCES, not ENETUNREACH: S3 may well be reachable, and the
+    mount stays online. ``problem`` is the part a user acts on (no secrets in it); ``rejected``:
+    S3 refused the token (a refresh may help); ``certain``: S3 said so in words (a bodiless 400
+    to a HEAD only may mean it); ``sso``: ``aws sso login`` is the cure."""
+
+    def __init__(self, what: str, problem: str, *, rejected: bool = False, certain: bool = True,
+                 sso: bool = False):
+        super().__init__(f"{what}: {problem}")
+        self.what, self.problem = what, problem
+        self.rejected, self.certain, self.sso = rejected, certain, sso
+
+
 class Throttled(S3StashError):
     """S3 kept answering an error worth retrying (500, 503 SlowDown, 429...) after our retries.
 

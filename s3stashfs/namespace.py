@@ -19,7 +19,7 @@ import time
 import trio
 
 from .cache import Cache
-from .errors import (Denied, InvalidName, NotADirectory, NotEmpty, NotFound, Unreachable,
+from .errors import (CredentialsFailed, Denied, InvalidName, NotADirectory, NotEmpty, NotFound, Unreachable,
                      first_error)
 from .inodes import InodeTable, Kind, Node
 from .store import ObjectInfo, Store
@@ -126,6 +126,11 @@ class Namespace:
                           else self._lookup_key(parent, name, text))
         except Unreachable:
             return self._offline_lookup(parent, name, text)
+        except CredentialsFailed as e:  # S3 cannot be asked: what the mount knows, else EACCES
+            try:
+                return self._offline_lookup(parent, name, text)
+            except (Unreachable, NotFound):
+                raise e from None
         if node is None:
             if self.ttl > 0:
                 self._negative[(parent.ino, name)] = time.monotonic() + self.ttl
@@ -208,11 +213,11 @@ class Namespace:
             return row_info(row)  # offline: the cached version is served, no probe waited for
         try:
             info = await self.store.head_object(node.bucket, node.key)
-        except Unreachable:
+        except (Unreachable, CredentialsFailed):
             row = self.cache.catalog.get(self.cache.origin, node.bucket, node.key)
             if row is None:
                 raise
-            return row_info(row)  # offline: the cached version is served
+            return row_info(row)  # offline, or no credentials: the cached version is served
         if info is None:
             node.info = None
             raise NotFound(f"s3://{node.bucket}/{node.key}")
@@ -242,6 +247,10 @@ class Namespace:
                         node.listing = Listing(self._offline_listing(node))
                         node.listing_at = 0.0  # which is not S3's word: lookups still ask
                     return list(node.listing.children.values())
+                except CredentialsFailed:
+                    if node.listing is None:
+                        raise
+                    return list(node.listing.children.values())  # the last one S3 gave
                 node.listing = Listing(children, from_s3=True,
                                        marker=marker[0] if marker else None)
                 node.listing_at = time.monotonic()

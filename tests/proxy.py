@@ -238,9 +238,14 @@ class TcpProxy:
 
 # ---------------------------------------------------------------------- HTTP-aware faults
 
-FAULT_KINDS = ("500", "503", "drop", "reset", "cut", "trickle", "hold")
+FAULT_KINDS = ("500", "503", "expired", "drop", "reset", "cut", "trickle", "hold")
 INTERNAL_ERROR_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
                        b'<Message>We encountered an internal error. Please try again.</Message></Error>')
+EXPIRED_TOKEN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ExpiredToken</Code>'
+                      b'<Message>The provided token has expired.</Message></Error>')
+_ERROR_ANSWERS = {"500": (500, b"Internal Server Error", INTERNAL_ERROR_BODY),
+                  "503": (503, b"Slow Down", SLOWDOWN_BODY),
+                  "expired": (400, b"Bad Request", EXPIRED_TOKEN_BODY)}
 
 
 @dataclasses.dataclass
@@ -250,7 +255,8 @@ class Fault:
     seeded generator), at most ``count`` times (None: no limit).
 
     kinds:
-    - ``500`` / ``503``: answered InternalError / SlowDown (S3's XML), not forwarded.
+    - ``500`` / ``503`` / ``expired``: answered InternalError / SlowDown / 400 ExpiredToken
+      (S3's XML; a HEAD's answer without its body, as S3's), not forwarded.
     - ``drop``: forwarded (S3 acts on it), its answer read, then the connection reset before
       any byte of it reaches the client: "did my PUT happen?"
     - ``reset``: the answer's head and ``at`` of its body forwarded, then RST.
@@ -525,7 +531,7 @@ class _Link:
             req_framing = ("length", 0)  # a request without a length has no body
         expect = req.get("expect", "").lower() == "100-continue"
         fault = self.p._choose(method, path, req)
-        if fault is not None and fault.kind in ("500", "503"):
+        if fault is not None and fault.kind in _ERROR_ANSWERS:
             if not expect:
                 self.relay(self.client, None, req_framing)
             self._answer_error(fault, method)
@@ -565,8 +571,7 @@ class _Link:
         return not closing
 
     def _answer_error(self, fault: Fault, method: str) -> None:
-        code, reason, body = ((500, b"Internal Server Error", INTERNAL_ERROR_BODY)
-                              if fault.kind == "500" else (503, b"Slow Down", SLOWDOWN_BODY))
+        code, reason, body = _ERROR_ANSWERS[fault.kind]
         head = (b"HTTP/1.1 %d %s\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n"
                 b"Connection: close\r\n\r\n" % (code, reason, len(body)))
         self.p._settle(fault, True)  # counted before the client can see it

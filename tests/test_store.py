@@ -112,7 +112,8 @@ def client_error(code, status):
     (bexc.ConnectTimeoutError(endpoint_url="http://127.0.0.1:1"), errors.Unreachable),
     (bexc.ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), errors.Unreachable),
     (ConnectionResetError(104, "reset"), errors.Unreachable),
-    (bexc.NoCredentialsError(), errors.Denied),
+    (bexc.NoCredentialsError(), errors.CredentialsFailed),  # a Denied: EACCES
+    (client_error("ExpiredToken", 400), errors.CredentialsFailed),
 ])
 def test_classification(exc, cls):
     assert type(_classify(exc, "op")) is cls

@@ -17,6 +17,7 @@ from ..errors import (
     Changed,
     ChecksumMismatch,
     Conflict,
+    CredentialsFailed,
     Denied,
     Interrupted,
     NotFound,
@@ -25,14 +26,14 @@ from ..errors import (
     Throttled,
     Unreachable,
 )
+from .credentials import TOKEN_CODES, failure, is_provider_failure
 from .types import strip_etag
 
 log = logging.getLogger(__name__)
 
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _CHANGED = {"412", "PreconditionFailed"}
-_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
-           "ExpiredToken", "InvalidToken"}
+_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
 _RETRY = {"429", "500", "502", "503", "504", "SlowDown", "InternalError", "ServiceUnavailable",
           "RequestTimeout", "Throttling", "ThrottlingException", "ThrottledException",
           "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded",
@@ -120,6 +121,10 @@ def _classify(e: BaseException, what: str, answered: bool = False) -> S3StashErr
         code = str(err.get("Code", ""))
         status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
         msg = f"{what}: {code or status} {err.get('Message', '')}".strip()
+        maybe = code == status == "400" and e.operation_name in ("HeadObject", "HeadBucket", "HEAD")
+        if code in TOKEN_CODES or maybe:  # a HEAD's 400 has no body to say why
+            return CredentialsFailed(what, f"S3 rejected the session token ({code})", rejected=True,
+                                     certain=not maybe)
         for names, cls in ((_NOT_FOUND, NotFound), (_CHANGED, Changed), (_DENIED, Denied),
                            (_RETRY, Throttled)):
             if code in names or status in names:
@@ -127,8 +132,8 @@ def _classify(e: BaseException, what: str, answered: bool = False) -> S3StashErr
         if code == "304" or status == "304":
             return Changed(msg)
         return StoreError(msg)
-    if isinstance(e, bexc.NoCredentialsError):
-        return Denied(f"{what}: no AWS credentials found")
+    if is_provider_failure(e):  # before the network errors: its endpoint is not S3
+        return failure(e, what)
     if isinstance(e, bexc.FlexibleChecksumError):
         return ChecksumMismatch(f"{what}: {e}")
     net = _interrupted(e, what) if answered else _unreachable(e, what)

@@ -12,6 +12,7 @@ from botocore.config import Config
 from ..connectivity import Connectivity
 from ..errors import MountError
 from .classify import _botocore_answered, _classify
+from .credentials import Credentials, failure, is_provider_failure
 from .direct import _Direct, _direct_result
 from .retry import RetryMixin
 from .types import Timeouts, _parse_timestamp
@@ -49,10 +50,16 @@ class Client(RetryMixin):
         # CPU of listing a large directory. S3 sends ISO 8601 there; parse that directly.
         session._session.get_component("response_parser_factory").set_parser_defaults(
             timestamp_parser=_parse_timestamp)
-        self._clients = {kind: session.client(
-            "s3", endpoint_url=settings.endpoint_url,
-            config=config.merge(Config(read_timeout=getattr(self.timeouts, kind))))
-            for kind in ("meta", "data", "write")}
+        try:  # the first client resolves the credential chain (a credential_process runs)
+            self._clients = {kind: session.client(
+                "s3", endpoint_url=settings.endpoint_url,
+                config=config.merge(Config(read_timeout=getattr(self.timeouts, kind))))
+                for kind in ("meta", "data", "write")}
+        except Exception as e:
+            if not is_provider_failure(e):
+                raise
+            raise MountError(failure(e, "AWS credentials", profile=session.profile_name).problem) from None
+        self.credentials = Credentials(session)
         self._direct = _Direct(self._clients["meta"], session, style, self.timeouts,
                                data_threads + meta_threads + 2)
         self.connectivity = Connectivity()

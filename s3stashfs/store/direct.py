@@ -14,6 +14,7 @@ from botocore.awsrequest import AWSRequest
 
 from ..errors import StoreError
 from .classify import _classify
+from .credentials import TOKEN_CODES
 from .types import CHECKSUMS, Timeouts
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ class _Direct:
     def __init__(self, client, session, style: str, timeouts: Timeouts, pool_size: int):
         from urllib.request import getproxies, proxy_bypass
         self._session = session
+        # the session's one credentials object, which the clients refresh too; asked for once
+        # (with none found, asking again per request would run the whole chain every time)
+        self._creds = session.get_credentials()
         url = urllib.parse.urlsplit(client.meta.endpoint_url)
         self._scheme, self._host = url.scheme, url.netloc
         self._region = client.meta.region_name or "us-east-1"
@@ -61,14 +65,16 @@ class _Direct:
         url = self._url(bucket, key) if self.enabled else None
         if not url:
             return None
-        creds = self._session.get_credentials()
-        if creds is None:
+        if self._creds is None:
             return None
+        frozen = self._creds.get_frozen_credentials()  # refreshed first when near their expiry
         req = AWSRequest(method=method, url=url, headers={**headers, "User-Agent": _USER_AGENT})
-        S3SigV4Auth(creds.get_frozen_credentials(), "s3", self._region).add_auth(req)
+        S3SigV4Auth(frozen, "s3", self._region).add_auth(req)
         r = self._pool.request(method, url, headers=dict(req.headers.items()),
                                preload_content=False, decode_content=False, redirect=False,
                                timeout=self._timeouts[method])
+        if r.status == 400 and frozen.token and not r.headers.get("x-amz-bucket-region"):
+            _raise_if_token_refused(r, method)  # not a reason to leave the direct path
         if r.status in (301, 302, 307, 400):  # another region, or something botocore handles
             r.drain_conn()
             r.release_conn()
@@ -76,6 +82,23 @@ class _Direct:
             log.debug("s3://%s: answered %d to a direct request; using botocore", bucket, r.status)
             raise self.Fallback()
         return r
+
+
+def _raise_if_token_refused(r, method: str) -> None:
+    """A 400 that refuses the session token (a HEAD's has no body: maybe) as botocore's error;
+    otherwise nothing, the body read and ``r`` left for the caller to release."""
+    code = None
+    if method != "HEAD":
+        try:
+            m = re.search(rb"<Code>([^<]+)</Code>", r.read(64 * 1024, decode_content=False))
+            code = m.group(1).decode() if m else None
+        except Exception as e:  # noqa: BLE001 - the body broke off: no code, then
+            log.debug("reading the body of a 400 answer: %s", e)
+    if code in TOKEN_CODES or (method == "HEAD" and code is None):
+        r.drain_conn()
+        r.release_conn()
+        raise bexc.ClientError({"Error": {"Code": code or "400", "Message": ""},
+                                "ResponseMetadata": {"HTTPStatusCode": 400}}, method)
 
 
 class _DirectBody:

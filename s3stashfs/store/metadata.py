@@ -5,7 +5,7 @@ import logging
 
 import trio
 
-from ..errors import Changed, Denied, MountError, NotFound, S3StashError, Unreachable
+from ..errors import Changed, CredentialsFailed, Denied, MountError, NotFound, S3StashError, Unreachable
 from .classify import _conditional, _conditions
 from .client import Client
 from .types import ListPage, ObjectInfo, _ns, parse_meta_mtime, strip_etag
@@ -157,11 +157,14 @@ class MetadataCalls(Client):
             if targets:
                 for b in targets:
                     try:
-                        self._call(f"bucket {b}", "head_bucket", Bucket=b)
+                        self.credentials.call(lambda b=b: self._call(f"bucket {b}", "head_bucket",
+                                                                     Bucket=b))
                     except NotFound:
                         raise MountError(f"bucket not found: {b}") from None
             else:
-                self._call("ListBuckets", "list_buckets")
+                self.credentials.call(lambda: self._call("ListBuckets", "list_buckets"))
+        except CredentialsFailed as e:
+            raise MountError(e.problem) from None
         except Denied as e:
             raise MountError(f"S3 refused access ({e}); check the credentials, profile and bucket") from None
         except Unreachable as e:

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..connectivity import Connectivity
-from ..errors import Interrupted, Throttled, Unreachable
+from ..errors import CredentialsFailed, Interrupted, Throttled, Unreachable
+from .credentials import Credentials
 from .types import Timeouts
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,7 @@ class RetryMixin:
     """Retries, offline checks and on-demand probes for every call of the Store."""
 
     connectivity: Connectivity
+    credentials: Credentials
     timeouts: Timeouts
     _probes: trio.CapacityLimiter
     probe_bucket: str | None
@@ -28,6 +30,22 @@ class RetryMixin:
 
     async def _run(self, what: str, limiter, fn, *args, attempts: int = 5, probe: bool = False,
                    abandon: bool = False):
+        """``_tries``, each try through ``Credentials.call`` (a token S3 refused: one forced
+        refresh, one more go); the credentials' problem, or its end, is recorded for ``status``.
+        The probe records nothing: it takes any answer, a credential failure too, for one."""
+        try:
+            r = await self._tries(what, limiter, self.credentials.call, fn, *args,
+                                  attempts=attempts, probe=probe, abandon=abandon)
+        except CredentialsFailed as e:
+            if not probe:
+                self.credentials.failed(e)
+            raise
+        if not probe:
+            self.credentials.ok()
+        return r
+
+    async def _tries(self, what: str, limiter, fn, *args, attempts: int = 5, probe: bool = False,
+                     abandon: bool = False):
         """Run ``fn`` in a worker thread; retry what is worth retrying, with backoff and full
         jitter. The table of faults is docs/SEMANTICS.md's "Faults".
 
