@@ -10,6 +10,7 @@ sees them, so an ``-o`` option is exactly its flag. The option names come from
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -118,6 +119,9 @@ def rewrite_argv(argv: list[str], commands) -> list[str]:
         source, mountpoint = "", words[0]
     else:
         source, mountpoint = words
+    if re.fullmatch(r"/dev/fd/\d+", mountpoint):
+        raise ConfigError(f"mountpoint {mountpoint}: mount.fuse3's drop_privileges is not "
+                          "supported; umount the mountpoint it left behind")
     source = source.removeprefix(PROGRAM + "#")
     flags = [] if source in NO_SOURCE else ["--bucket", source]
     return ["mount", mountpoint, *flags, *_expand(rest)]

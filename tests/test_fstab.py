@@ -385,3 +385,31 @@ def test_mount_fuse3_with_no_source_mounts_every_bucket(
     assert bucket in os.listdir(m.path)
     assert (m.path / bucket / "a.txt").read_bytes() == b"a\n"
     unmount_with_umount(m)
+
+
+SYSTEM_UNIT = Path(__file__).resolve().parent.parent / "systemd" / "s3stashfs@.service"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_system_unit_verifies_and_finds_the_installed_helper(tmp_path, system_helper):
+    """systemd resolves the unit's bare `ExecStart=s3stashfs` on its own fixed path, which
+    install-mount-helper's /usr/local/sbin is on; and the check can fail."""
+    text = SYSTEM_UNIT.read_text()
+    assert "ExecStart=s3stashfs mount --foreground --env-file /etc/s3stashfs/%i.env /%I" in text
+    unit = tmp_path / "s3stashfs@mnt-data.service"
+    unit.write_text(text)
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    unit.write_text(text.replace("ExecStart=s3stashfs ", "ExecStart=s3stashfs-missing "))
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "s3stashfs-missing" in r.stderr
+
+
+def test_drop_privileges_is_refused(s3env):
+    """What mount.fuse3 runs for drop_privileges: the mountpoint is its /dev/fd/N."""
+    r = run_cli("lab-data", "/dev/fd/3", "-o", "rw,dev,suid", env=s3env)
+    assert (r.returncode, r.stderr) == (2, "s3stashfs: mountpoint /dev/fd/3: mount.fuse3's "
+                                        "drop_privileges is not supported; umount the mountpoint "
+                                        "it left behind\n")
