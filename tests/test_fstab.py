@@ -287,6 +287,8 @@ def boot_env(s3env):
     """Like mount(8) at boot: no credentials or s3stashfs settings in the environment."""
     env = clean_environ(s3env)
     env.pop("S3STASHFS_ENV", None)
+    for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED"):
+        env[name] = s3env[name]  # nothing of this machine's own AWS set-up
     return env
 
 
@@ -352,17 +354,18 @@ def test_fstab_line_mounts_with_mount_and_unmounts_with_umount(
 def test_mount_t_fuse_with_type_hash_source_and_ro(
         mount, moto_server, s3, make_bucket, s3env, tmp_path, system_helper):
     """The older fstab form `s3stashfs#BUCKET MOUNTPOINT fuse OPTIONS`, credentials from the
-    environment (mount(8) keeps it), ro and the options mount.fuse3 adds itself (dev,suid)."""
+    environment (mount(8) keeps it), ro, noexec, and the options mount.fuse3 adds itself
+    (dev,suid: the mount stays nosuid,nodev)."""
     bucket = make_bucket()
     helpers.put_object(s3, bucket, "hello.txt", b"hello\n")
     m = mount._new(bucket, (), None, None, moto_server.url)
     log_file = tmp_path / "fuse-mount.log"
     options = (f"endpoint_url={moto_server.url},cache_dir={m.cache_dir},log_file={log_file},"
-               "ro,_netdev,x-systemd.automount,allow_other")
+               "ro,_netdev,x-systemd.automount,allow_other,noexec")
     mounted_by(["mount", "-t", "fuse", f"s3stashfs#{bucket}", str(m.path), "-o", options], m,
                dict(s3env), log_file)
     assert (m.path / "hello.txt").read_bytes() == b"hello\n"
-    assert {"ro", "nosuid", "nodev", "allow_other"} <= mount_options(m.path)
+    assert {"ro", "nosuid", "nodev", "allow_other", "noexec"} <= mount_options(m.path)
     with pytest.raises(OSError) as e:
         (m.path / "new.txt").write_bytes(b"x")
     assert e.value.errno == 30  # EROFS
