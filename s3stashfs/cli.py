@@ -26,13 +26,15 @@ UNMOUNT_TIMEOUT = 120.0
 
 
 class _Parser(argparse.ArgumentParser):
+    commands: dict = {}  # on the top parser: the subcommands by name (set by build_parser)
+
     def error(self, message):  # one line and exit 2, like every other bad input
         self.print_usage(sys.stderr)
         print(f"s3stashfs: error: {message}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     p = _Parser(prog="s3stashfs", description=(
         "Mount S3 as a local directory: MOUNTPOINT/<bucket>/<key> is an object. Objects are read "
         "through a local cache checked against their ETag on every open."),
@@ -43,13 +45,31 @@ def build_parser() -> argparse.ArgumentParser:
                "blocks, conflicts) and 4 (not mounted).")
     p.add_argument("--version", action="version", version=f"s3stashfs {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    p.commands = sub.choices
 
     m = sub.add_parser("mount", help="mount S3 on MOUNTPOINT", description=(
         "Mount S3 on MOUNTPOINT. Returns once the mount answers; the daemon keeps running until "
-        "'s3stashfs unmount', SIGTERM or SIGINT."))
+        "'s3stashfs unmount', SIGTERM or SIGINT."), epilog=(
+        "Every flag is also a mount option, for /etc/fstab and -o: its name with underscores, "
+        "NAME=VALUE, or just NAME for an on/off flag (--cache-dir DIR is -o cache_dir=DIR, "
+        "--read-only is -o read_only); list items are separated by ':' (-o buckets=a:b). ro is "
+        "read_only; rw, defaults, auto, noauto, nofail, _netdev, user, users, nouser, owner, group, "
+        "x-*, comment=*, dev, nodev, suid, nosuid, exec, async, atime, noatime, relatime, "
+        "strictatime, nodiratime, lazytime and default_permissions are accepted and change nothing "
+        "(the mount is always nosuid,nodev,noatime); anything else is an error. An -o option is its "
+        "flag: given both ways, the later one wins; both win over S3STASHFS_* variables and the env "
+        "file. mount(8) runs 's3stashfs SOURCE MOUNTPOINT -o OPTIONS', SOURCE being "
+        "BUCKET[/PREFIX], or s3stashfs or none for every bucket: see 's3stashfs "
+        "install-mount-helper --help'."))
     m.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an existing empty directory")
+    m.add_argument("-o", metavar="OPT[,OPT...]", dest="options",
+                   help="settings as mount options, e.g. -o cache_dir=/var/cache/s3,read_only "
+                        "(see below)")
     m.add_argument("--bucket", metavar="NAME[/PREFIX]",
                    help="show only this bucket (or prefix) as the mount's root [S3STASHFS_BUCKET]")
+    m.add_argument("--buckets", metavar="A,B,...",
+                   help="the buckets listed at the root, instead of asking S3 (ListBuckets) "
+                        "[S3STASHFS_BUCKETS]")
     m.add_argument("--endpoint-url", metavar="URL",
                    help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 [S3STASHFS_ENDPOINT_URL]")
     m.add_argument("--profile", metavar="P", help="AWS profile from ~/.aws [S3STASHFS_PROFILE]")
@@ -63,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache-min-free", metavar="SIZE|PCT",
                    help="free space the cache keeps on its disk by evicting, e.g. 2G or 10%% "
                         "(default 5%%) [S3STASHFS_CACHE_MIN_FREE]")
+    m.add_argument("--file-mode", metavar="MODE",
+                   help="permissions of cache files, at least 0600 (default 0600) "
+                        "[S3STASHFS_FILE_MODE]")
     m.add_argument("--read-only", action="store_true", help="refuse every change [S3STASHFS_READ_ONLY]")
+    m.add_argument("--noexec", action="store_true",
+                   help="refuse to execute programs from the mount [S3STASHFS_NOEXEC]")
     m.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stderr")
     m.add_argument("--allow-other", action="store_true",
                    help="let other users use the mount (needs user_allow_other in /etc/fuse.conf) "
@@ -75,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="while S3 is unreachable: refuse every change at once with ENETUNREACH "
                         "(default), or queue changes in the cache and apply them in order once "
                         "S3 answers [S3STASHFS_OFFLINE_WRITES]")
+    m.add_argument("--local-only", metavar="GLOB,...",
+                   help="names kept in the cache only, never uploaded (default: editors' swap and "
+                        "lock files) [S3STASHFS_LOCAL_ONLY]")
+    m.add_argument("--multipart-threshold-mb", metavar="N",
+                   help="upload files larger than N MiB in parts (default 8) "
+                        "[S3STASHFS_MULTIPART_THRESHOLD_MB]")
+    m.add_argument("--part-size-mb", metavar="N",
+                   help="size of upload parts in MiB, grown to fit 10,000 parts (default 8) "
+                        "[S3STASHFS_PART_SIZE_MB]")
+    m.add_argument("--addressing-style", choices=("auto", "path", "virtual"),
+                   help="S3 addressing style (default auto: path with an endpoint URL) "
+                        "[S3STASHFS_ADDRESSING_STYLE]")
     m.add_argument("--metadata-ttl", metavar="S",
                    help="seconds a listing or lookup is trusted (default 5; 0 = always ask S3) "
                         "[S3STASHFS_METADATA_TTL]")
@@ -97,8 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--log-file", metavar="F",
                    help="log file (default: stderr in the foreground, "
                         "$XDG_STATE_HOME/s3stashfs/s3stashfs.log otherwise) [S3STASHFS_LOG_FILE]")
+    m.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
+                   help="log level (default INFO) [S3STASHFS_LOG_LEVEL]")
     m.add_argument("--debug", action="store_true", help="log at DEBUG level [S3STASHFS_LOG_LEVEL]")
+    m.add_argument("--env-file", metavar="FILE",
+                   help="the env file to read (default ~/.s3stashfs.env); for fstab, where "
+                        "mount(8) passes no user's environment [S3STASHFS_ENV]")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    h = sub.add_parser("install-mount-helper", help="let mount(8) and /etc/fstab find s3stashfs",
+                       description=(
+        "Link this s3stashfs into DIR (default /usr/local/sbin) as 's3stashfs': mount(8) and "
+        "mount.fuse3 run it from a fixed PATH (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:"
+        "/sbin:/bin), which a virtual environment is not on. Nothing to do when s3stashfs is "
+        "already there (pip install as root puts it in /usr/local/bin). A file of that name that "
+        "is not such a link is left alone unless --force."))
+    h.add_argument("--dir", metavar="DIR", type=Path, default=Path("/usr/local/sbin"),
+                   help="where to put the link (default /usr/local/sbin)")
+    h.add_argument("--uninstall", action="store_true", help="remove the link (only ours)")
+    h.add_argument("--force", action="store_true", help="replace a file that is not our link")
 
     u = sub.add_parser("unmount", help="unmount MOUNTPOINT", description=(
         "Unmount MOUNTPOINT and wait for its daemon to finish."))
@@ -155,10 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from . import fstab
+    parser = build_parser()
+    try:
+        # mount.fuse's `s3stashfs SOURCE MOUNTPOINT -o OPTS`, and -o, become ordinary flags
+        argv = fstab.rewrite_argv(sys.argv[1:] if argv is None else list(argv), parser.commands)
+    except ConfigError as e:
+        print(f"s3stashfs: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     try:
         if args.command == "mount":
             return cmd_mount(args)
+        if args.command == "install-mount-helper":
+            return fstab.install_helper(sys.argv[0], args.dir, args.uninstall, args.force)
         if args.command == "unmount":
             return cmd_unmount(args)
         return cmd_other(args)
@@ -193,11 +257,9 @@ def cmd_other(args) -> int:
 
 def _settings(args):
     from . import config
-    flags = {k: getattr(args, k, None) for k in (
-        "endpoint_url", "region", "profile", "bucket", "cache_dir", "metadata_ttl", "log_file",
-        "timeout", "read_only", "allow_other", "xattrs", "foreground", "debug", "offline_writes",
-        "cache_max_size", "cache_min_free", "no_sign_request", "requester_pays", "ca_bundle",
-        "no_verify_ssl")}
+    if getattr(args, "env_file", None):  # the daemon inherits it, and reads the same file
+        os.environ[config.ENV_FILE_VAR] = os.path.abspath(os.path.expanduser(args.env_file))
+    flags = {k: getattr(args, k, None) for k in (*config.SETTINGS, "foreground", "debug")}
     return config.load(flags)
 
 
@@ -288,31 +350,8 @@ def _daemonise(settings, mountpoint: Path) -> int:
 
 def _settings_env(settings) -> dict[str, str]:
     """Hand the resolved settings to the daemon through its environment (flags already won)."""
-    env = {"S3STASHFS_CACHE_DIR": str(settings.cache_dir),
-           "S3STASHFS_FILE_MODE": oct(settings.file_mode)[2:].rjust(4, "0"),
-           "S3STASHFS_METADATA_TTL": repr(settings.metadata_ttl),
-           "S3STASHFS_LOG_FILE": str(settings.log_file),
-           "S3STASHFS_LOG_LEVEL": settings.log_level,
-           "S3STASHFS_READ_ONLY": "1" if settings.read_only else "0",
-           "S3STASHFS_ALLOW_OTHER": "1" if settings.allow_other else "0",
-           "S3STASHFS_XATTRS": "1" if settings.xattrs else "0",
-           "S3STASHFS_ADDRESSING_STYLE": settings.addressing_style,
-           "S3STASHFS_MULTIPART_THRESHOLD_MB": str(settings.multipart_threshold_mb),
-           "S3STASHFS_PART_SIZE_MB": str(settings.part_size_mb),
-           "S3STASHFS_TIMEOUT": repr(settings.timeout),
-           "S3STASHFS_OFFLINE_WRITES": settings.offline_writes,
-           "S3STASHFS_LOCAL_ONLY": ",".join(settings.local_only),
-           "S3STASHFS_CACHE_MAX_SIZE": str(settings.cache_max_size or "none"),
-           "S3STASHFS_CACHE_MIN_FREE": str(settings.cache_min_free)}
-    for name, key in (("endpoint_url", "S3STASHFS_ENDPOINT_URL"), ("region", "S3STASHFS_REGION"),
-                      ("profile", "S3STASHFS_PROFILE")):
-        if getattr(settings, name):
-            env[key] = getattr(settings, name)
-    if settings.bucket:
-        env["S3STASHFS_BUCKET"] = settings.bucket + ("/" + settings.prefix if settings.prefix else "")
-    if settings.buckets:
-        env["S3STASHFS_BUCKETS"] = ",".join(settings.buckets)
-    return env
+    from . import config
+    return config.to_env(settings)
 
 
 def cmd_unmount(args) -> int:

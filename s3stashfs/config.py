@@ -86,6 +86,7 @@ class Settings:
     requester_pays: bool = False
     ca_bundle: Path | None = None  # None: boto3's (AWS_CA_BUNDLE, the profile's ca_bundle, certifi)
     no_verify_ssl: bool = False
+    noexec: bool = False  # the mount refuses to execute its files (mount option noexec)
     # AWS_* lines of the env file, handed to boto3's credential chain; never logged.
     aws_env: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
 
@@ -263,8 +264,43 @@ _SPECS: dict[str, tuple[Callable[[str], Any], str]] = {
     "requester_pays": (_parse_bool, "S3STASHFS_REQUESTER_PAYS"),
     "ca_bundle": (_path, "S3STASHFS_CA_BUNDLE"),
     "no_verify_ssl": (_parse_bool, "S3STASHFS_NO_VERIFY_SSL"),
+    "noexec": (_parse_bool, "S3STASHFS_NOEXEC"),
 }
 _ENV_KEYS = {env for _, env in _SPECS.values()} | {ENV_FILE_VAR}
+# The shape of each setting, for the command line (cli.py, fstab.py): every setting NAME is the
+# flag --NAME-WITH-DASHES and the mount option NAME[=VALUE]; switches take no value.
+SETTINGS = tuple(_SPECS)
+SWITCHES = frozenset(n for n, (parse, _) in _SPECS.items() if parse is _parse_bool)
+LISTS = frozenset(n for n, (parse, _) in _SPECS.items() if parse in (_parse_buckets, _globs))
+
+
+def env_key(name: str) -> str:
+    return _SPECS[name][1]
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The settings as ``S3STASHFS_*`` variables that :func:`load` reads back to the same
+    values: how ``mount`` hands what it resolved (flags included) to its daemon."""
+    env = {}
+    for name, (_, key) in _SPECS.items():
+        value = getattr(settings, name)
+        if name == "bucket":
+            value = value and value + ("/" + settings.prefix if settings.prefix else "")
+        elif name == "file_mode":
+            value = oct(value)[2:].rjust(4, "0")
+        elif name == "cache_max_size" and value is None:
+            value = "none"
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            env[key] = "1" if value else "0"
+        elif isinstance(value, tuple):
+            env[key] = ",".join(value)
+        elif isinstance(value, float):
+            env[key] = repr(value)
+        else:
+            env[key] = str(value)
+    return env
 
 
 def env_file_path(environ: Mapping[str, str]) -> tuple[Path, bool]:

@@ -154,6 +154,8 @@ class Mount:
             opts.add("ro")
         if self.settings.allow_other:
             opts.add("allow_other")
+        if self.settings.noexec:
+            opts.add("noexec")
         return opts
 
     async def run(self, on_ready) -> None:
