@@ -211,6 +211,7 @@ def cmd_mount(args) -> int:
 
     from . import mount
     settings = _settings(args)
+    mount.check_signing(settings)
     if not args.foreground:
         mount.check_mountpoint(args.mountpoint)
         if settings.log_file is None:
@@ -312,6 +313,8 @@ def _settings_env(settings) -> dict[str, str]:
         env["S3STASHFS_BUCKET"] = settings.bucket + ("/" + settings.prefix if settings.prefix else "")
     if settings.buckets:
         env["S3STASHFS_BUCKETS"] = ",".join(settings.buckets)
+    env["S3STASHFS_NO_SIGN_REQUEST"] = "1" if settings.no_sign_request else "0"
+    env["S3STASHFS_REQUESTER_PAYS"] = "1" if settings.requester_pays else "0"
     return env
 
 

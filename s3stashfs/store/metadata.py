@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+import botocore.exceptions as bexc
 import trio
 
 from ..errors import Changed, Denied, MountError, NotFound, S3StashError, Unreachable
@@ -151,7 +152,16 @@ class MetadataCalls(Client):
 
     # ---------------------------------------------------------------- start-up
     def check_access(self, bucket: str | None, buckets: tuple[str, ...]) -> None:
-        """Fail mounting early, with one clear line, when S3 will not serve us."""
+        """Fail mounting early, with one clear line, when S3 will not serve us: no credentials
+        at all (unless unsigned), a missing bucket, a refusal, no answer."""
+        if not self.unsigned:
+            try:
+                found = self._session.get_credentials() is not None
+            except bexc.BotoCoreError as e:  # a broken profile, credential_process, SSO...
+                raise MountError(f"AWS credentials could not be loaded: {e}") from None
+            if not found:
+                raise MountError("no AWS credentials found (environment, ~/.aws, instance role); "
+                                 "for a public bucket, mount with --no-sign-request")
         targets = [bucket] if bucket else list(buckets)
         try:
             if targets:
@@ -163,7 +173,12 @@ class MetadataCalls(Client):
             else:
                 self._call("ListBuckets", "list_buckets")
         except Denied as e:
-            raise MountError(f"S3 refused access ({e}); check the credentials, profile and bucket") from None
+            advice = self.denied_advice(e)
+            if self.unsigned:
+                advice = advice or "unsigned requests may be refused by a bucket that is not public"
+            else:
+                advice = "check the credentials, profile and bucket" + (f"; {advice}" if advice else "")
+            raise MountError(f"S3 refused access ({e}); {advice}") from None
         except Unreachable as e:
             err = MountError(f"cannot reach S3: {e}")
             err.unreachable = True

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..connectivity import Connectivity
-from ..errors import Interrupted, Throttled, Unreachable
+from ..errors import Denied, Interrupted, Throttled, Unreachable
 from .types import Timeouts
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,9 @@ class RetryMixin:
     if TYPE_CHECKING:
         async def probe(self, bucket: str | None, limiter: trio.CapacityLimiter | None = None) -> bool:
             ...
+
+    def _on_denied(self, e: Denied) -> None:
+        """Every refusal that leaves ``_run`` passes here (see ``Client._on_denied``)."""
 
     async def _run(self, what: str, limiter, fn, *args, attempts: int = 5, probe: bool = False,
                    abandon: bool = False):
@@ -52,6 +55,9 @@ class RetryMixin:
                     return await self._until_offline(what, limiter, fn, args)
                 return await trio.to_thread.run_sync(fn, *args, limiter=limiter,
                                                      abandon_on_cancel=probe)
+            except Denied as e:  # not retried: S3 said no
+                self._on_denied(e)
+                raise
             except (Throttled, Interrupted, Unreachable) as e:
                 if isinstance(e, Unreachable) and not probe:
                     if not self.connectivity.online:
