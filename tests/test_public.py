@@ -213,7 +213,7 @@ def test_requester_pays_refusal_is_explained_once(s3_proxy: HttpProxy, mount, bu
     helpers.put_object(s3, bucket, "dir/a.txt", b"paid for\n")
     refusals = s3_proxy.inject(Fault("403", when=requester_pays_model(bucket)))
     m = mount(bucket=bucket, endpoint_url=s3_proxy.url)
-    for attempt in range(2):
+    for _ in range(2):  # a second time: the refusal is not remembered
         with pytest.raises(PermissionError) as e:
             os.listdir(m.path)
         assert e.value.errno == errno.EACCES
