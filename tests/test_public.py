@@ -31,6 +31,9 @@ NAME_THE_BUCKETS_LINE = ("s3stashfs: --no-sign-request cannot list buckets (that
                          "credentials): name them with --bucket NAME or "
                          "S3STASHFS_BUCKETS=NAME,NAME")
 
+UNSIGNED_HINT = ("s3://{b}: access denied to an unsigned request; {b} may not be public: mount "
+                 "without --no-sign-request to use AWS credentials")
+
 
 def hint(bucket: str) -> str:
     return (f"s3://{bucket}: access denied; if {bucket} is a requester-pays bucket, mount with "
@@ -102,19 +105,29 @@ def test_public_bucket_unsigned_without_credentials(s3_proxy, mount, bucket, s3,
     for p in bam.paths:  # moto, like S3, refuses an anonymous GET of an object not public
         s3.upload_file(str(p), bucket, f"runs/{p.name}", ExtraArgs={"ACL": "public-read"})
     helpers.put_object(s3, bucket, "README.txt", b"public data\n", ACL="public-read")
+    helpers.put_object(s3, bucket, "private.txt", b"not for everyone\n")
     m = mount(bucket=bucket, endpoint_url=s3_proxy.url, extra_args=["--no-sign-request"],
               env=no_credentials)
+    m.expect_log(r"private\.txt: (AccessDenied|403)")
+    m.expect_log(re.escape(UNSIGNED_HINT.format(b=bucket)), required=True)
     env = daemon_environ(m.pid)
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & env.keys()
     assert env["HOME"] == no_credentials["HOME"]
 
     # looked up before any listing: a HEAD (the direct path), then a GET
     assert (m.path / "README.txt").read_bytes() == b"public data\n"
-    assert sorted(os.listdir(m.path)) == ["README.txt", "runs"]
+    assert sorted(os.listdir(m.path)) == ["README.txt", "private.txt", "runs"]
     assert sorted(os.listdir(m.path / "runs")) == sorted(p.name for p in bam.paths)
     region = "chr1:150000-200000"
     assert (biodata.samtools_count(m.path / "runs" / bam.bam.name, region)
             == biodata.samtools_count(bam.bam, region) > 0)
+
+    for _ in range(2):  # an object the bucket does not make public: EACCES, explained once
+        with pytest.raises(PermissionError) as e:
+            (m.path / "private.txt").read_bytes()
+        assert e.value.errno == errno.EACCES
+    hints = [ln for ln in m.log_text().splitlines() if "--no-sign-request" in ln]
+    assert len(hints) == 1 and " WARNING " in hints[0], hints
 
     seen = list(s3_proxy.recorded)
     assert seen and all(to_bucket(r, bucket) for r in seen), [(r.method, r.path) for r in seen]
@@ -148,6 +161,15 @@ def test_no_credentials_without_the_flag_fails_at_once(mount, bucket, no_credent
     m, r = mount.run(bucket=bucket, env=no_credentials)
     assert r.returncode == 1
     assert one_line(r.stderr) == NO_CREDENTIALS_LINE
+    assert not m.is_mounted()
+
+
+def test_credentials_that_fail_to_load_fail_at_once(mount, bucket, no_credentials, tmp_path):
+    config = tmp_path / "aws-config-failing"
+    config.write_text("[default]\ncredential_process = /bin/false\n")
+    m, r = mount.run(bucket=bucket, env={**no_credentials, "AWS_CONFIG_FILE": str(config)})
+    assert r.returncode == 1
+    assert one_line(r.stderr).startswith("s3stashfs: AWS credentials could not be loaded: ")
     assert not m.is_mounted()
 
 
@@ -234,3 +256,16 @@ def test_requester_pays_refusal_is_explained_once(s3_proxy: HttpProxy, mount, bu
     mine = [e for e in st["errors"] if e["message"] == expected]
     assert len(mine) == 1 and mine[0]["bucket"] == bucket and mine[0]["key"] == ""
     assert mine[0]["message"].count("--requester-pays") == 1
+
+
+def test_refused_head_bucket_at_mount_names_the_flag(s3_proxy: HttpProxy, mount, bucket):
+    """A bucket that refuses even HeadBucket fails the mount (exit 1), the hint in its line."""
+    s3_proxy.inject(Fault("403", when=lambda method, path, h: method == "HEAD"
+                          and path.rstrip("/") == f"/{bucket}"))
+    m, r = mount.run(bucket=bucket, endpoint_url=s3_proxy.url)
+    assert r.returncode == 1
+    assert one_line(r.stderr) == (
+        f"s3stashfs: S3 refused access (bucket {bucket}: 403 Forbidden); check the credentials, "
+        f"profile and bucket; if {bucket} is a requester-pays bucket, mount with "
+        "--requester-pays (S3STASHFS_REQUESTER_PAYS=1)")
+    assert not m.is_mounted()

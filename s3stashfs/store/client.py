@@ -56,11 +56,12 @@ class Client(RetryMixin):
         # CPU of listing a large directory. S3 sends ISO 8601 there; parse that directly.
         session._session.get_component("response_parser_factory").set_parser_defaults(
             timestamp_parser=_parse_timestamp)
+        if not self.unsigned:
+            _check_credentials(session)
         self._clients = {kind: session.client(
             "s3", endpoint_url=settings.endpoint_url,
             config=config.merge(Config(read_timeout=getattr(self.timeouts, kind))))
             for kind in ("meta", "data", "write")}
-        self._session = session
         self._direct = _Direct(self._clients["meta"], session, style, self.timeouts,
                                data_threads + meta_threads + 2, unsigned=self.unsigned,
                                requester_pays=settings.requester_pays)
@@ -142,6 +143,19 @@ class Client(RetryMixin):
         log.warning("%s", hint)
         for fn in self.on_hint:
             fn(e.bucket, hint)
+
+
+def _check_credentials(session) -> None:
+    """Fail at once, with one line, when boto3's chain finds no credentials at all (rather than
+    at the first request, as a refusal): most likely a public bucket mounted without
+    --no-sign-request. The credentials found are kept by the session (and refreshed by it)."""
+    try:
+        found = session.get_credentials() is not None
+    except bexc.BotoCoreError as e:  # a failing credential_process, SSO login, profile...
+        raise MountError(f"AWS credentials could not be loaded: {e}") from None
+    if not found:
+        raise MountError("no AWS credentials found (environment, ~/.aws, instance role); "
+                         "for a public bucket, mount with --no-sign-request")
 
 
 def _request_payer_methods(client) -> frozenset[str]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 
-import botocore.exceptions as bexc
 import trio
 
 from ..errors import Changed, Denied, MountError, NotFound, S3StashError, Unreachable
@@ -152,16 +151,8 @@ class MetadataCalls(Client):
 
     # ---------------------------------------------------------------- start-up
     def check_access(self, bucket: str | None, buckets: tuple[str, ...]) -> None:
-        """Fail mounting early, with one clear line, when S3 will not serve us: no credentials
-        at all (unless unsigned), a missing bucket, a refusal, no answer."""
-        if not self.unsigned:
-            try:
-                found = self._session.get_credentials() is not None
-            except bexc.BotoCoreError as e:  # a broken profile, credential_process, SSO...
-                raise MountError(f"AWS credentials could not be loaded: {e}") from None
-            if not found:
-                raise MountError("no AWS credentials found (environment, ~/.aws, instance role); "
-                                 "for a public bucket, mount with --no-sign-request")
+        """Fail mounting early, with one clear line, when S3 will not serve us: a missing
+        bucket, a refusal, no answer (no credentials at all: see ``Client``)."""
         targets = [bucket] if bucket else list(buckets)
         try:
             if targets:
