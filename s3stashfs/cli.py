@@ -120,8 +120,9 @@ def build_parser() -> _Parser:
                         "goes offline (default 5; connecting waits 0.4x, a stalled download 2x, "
                         "an upload 6x this) [S3STASHFS_TIMEOUT]")
     m.add_argument("--no-sign-request", action="store_true",
-                   help="send requests unsigned, for public buckets; no credentials needed "
-                        "[S3STASHFS_NO_SIGN_REQUEST]")
+                   help="send requests unsigned, for public buckets; no credentials needed, "
+                        "but the buckets must be named (--bucket, or S3STASHFS_BUCKETS for the "
+                        "root) [S3STASHFS_NO_SIGN_REQUEST]")
     m.add_argument("--requester-pays", action="store_true",
                    help="agree to pay for requests to requester-pays buckets "
                         "[S3STASHFS_REQUESTER_PAYS]")
@@ -273,6 +274,7 @@ def cmd_mount(args) -> int:
 
     from . import mount
     settings = _settings(args)
+    mount.check_signing(settings)
     if not args.foreground:
         mount.check_mountpoint(args.mountpoint)
         if settings.log_file is None:

@@ -192,7 +192,8 @@ def cmd_status(settings, args) -> int:
         print(f"             {when(c['time'])} {c['bucket']}/{c['key']}: {c['message']}")
     print(f"  errors     {len(st['errors'])} recent")
     for e in st["errors"][:20]:
-        print(f"             {when(e['time'])} {e['bucket']}/{e['key']}: {e['message']}")
+        where = f"{e['bucket']}/{e['key']}" if e["key"] else e["bucket"]  # "": the bucket's
+        print(f"             {when(e['time'])} {where}: {e['message']}")
     return code
 
 

@@ -64,6 +64,8 @@ class Unreachable(S3StashError):
 
 class Denied(S3StashError):
     errno = errno.EACCES
+    code = ""  # S3's error code ("AccessDenied"; "403" for a HEAD, which has no body)
+    bucket: str | None = None  # the bucket that refused, when the store knows it
 
 
 class CredentialsFailed(Denied):

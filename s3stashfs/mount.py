@@ -82,6 +82,19 @@ def check_mountpoint(path: Path) -> Path:
     return real
 
 
+def check_signing(settings: Settings) -> None:
+    """Unsigned requests cannot list a user's buckets (ListBuckets needs an identity) nor pay
+    for a requester-pays bucket: refuse such settings at once, with one line."""
+    if not settings.no_sign_request:
+        return
+    if settings.requester_pays:
+        raise ConfigError("--requester-pays needs signed requests: it cannot be combined with "
+                          "--no-sign-request")
+    if not settings.bucket and not settings.buckets:
+        raise ConfigError("--no-sign-request cannot list buckets (that needs credentials): name "
+                          "them with --bucket NAME or S3STASHFS_BUCKETS=NAME,NAME")
+
+
 def check_fuse() -> None:
     if not os.path.exists("/dev/fuse"):
         raise MountError("FUSE is not available: /dev/fuse is missing (install fuse3, load the fuse module)")
@@ -144,6 +157,8 @@ class Mount:
                                  settings.part_size_mb << 20, settings.local_only,
                                  settings.offline_writes)
         self.store.connectivity.on_online.append(self.uploader.retry_now)
+        # a refusal the store can explain (requester-pays, not public) is shown by `status`
+        self.store.on_hint.append(lambda bucket, hint: self.cache.record_error(bucket, "", hint))
         self.ops = Operations(self.inodes, self.ns, self.cache, self.fetcher, self.uploader,
                               settings.metadata_ttl, settings.read_only, settings.xattrs)
 
@@ -280,6 +295,7 @@ def daemon_pids(mountpoint: str) -> list[int]:
 def serve(settings: Settings, mountpoint: Path, on_ready=lambda: None) -> None:
     """Check everything, mount, serve until unmounted. Raises ConfigError/MountError before
     mounting; returns after a clean unmount."""
+    check_signing(settings)
     real = check_mountpoint(mountpoint)
     check_fuse()
     tame_malloc()

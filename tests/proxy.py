@@ -238,12 +238,15 @@ class TcpProxy:
 
 # ---------------------------------------------------------------------- HTTP-aware faults
 
-FAULT_KINDS = ("500", "503", "expired", "drop", "reset", "cut", "trickle", "hold")
+FAULT_KINDS = ("403", "500", "503", "expired", "drop", "reset", "cut", "trickle", "hold")
 INTERNAL_ERROR_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
                        b'<Message>We encountered an internal error. Please try again.</Message></Error>')
 EXPIRED_TOKEN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ExpiredToken</Code>'
                       b'<Message>The provided token has expired.</Message></Error>')
-_ERROR_ANSWERS = {"500": (500, b"Internal Server Error", INTERNAL_ERROR_BODY),
+ACCESS_DENIED_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                      b'<Message>Access Denied</Message></Error>')
+_ERROR_ANSWERS = {"403": (403, b"Forbidden", ACCESS_DENIED_BODY),
+                  "500": (500, b"Internal Server Error", INTERNAL_ERROR_BODY),
                   "503": (503, b"Slow Down", SLOWDOWN_BODY),
                   "expired": (400, b"Bad Request", EXPIRED_TOKEN_BODY)}
 
@@ -255,8 +258,8 @@ class Fault:
     seeded generator), at most ``count`` times (None: no limit).
 
     kinds:
-    - ``500`` / ``503`` / ``expired``: answered InternalError / SlowDown / 400 ExpiredToken
-      (S3's XML; a HEAD's answer without its body, as S3's), not forwarded.
+    - ``403`` / ``500`` / ``503`` / ``expired``: answered AccessDenied / InternalError / SlowDown /
+      400 ExpiredToken (S3's XML; a HEAD's answer without its body, as S3's), not forwarded.
     - ``drop``: forwarded (S3 acts on it), its answer read, then the connection reset before
       any byte of it reaches the client: "did my PUT happen?"
     - ``reset``: the answer's head and ``at`` of its body forwarded, then RST.
@@ -293,6 +296,26 @@ class Fault:
         return max(0, min(n, length - 1))
 
 
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """One request as the proxy saw it: ``headers`` with lowercased names."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+
+    @property
+    def signed(self) -> bool:
+        """Carries a signature or a session token (in its headers or its query string)."""
+        return ("authorization" in self.headers or "x-amz-security-token" in self.headers
+                or "X-Amz-Signature=" in self.path or "X-Amz-Credential=" in self.path)
+
+    @property
+    def direct(self) -> bool:
+        """Sent by s3stashfs's direct GET/HEAD path (store/direct.py), not by botocore."""
+        return self.headers.get("user-agent", "").startswith("s3stashfs (direct")
+
+
 class _Gone(Exception):
     """The connection ended: a peer closed it, or the proxy cut it (set_mode, close)."""
 
@@ -326,14 +349,16 @@ class HttpProxy(TcpProxy):
 
     ``inject(fault)`` adds a fault (the first one that accepts a request applies), ``clear()``
     removes them; ``injected`` counts all faults done by kind, ``requests`` every request seen
-    as (method, path). Draws come from ``random.Random(seed)``, so a sequence of requests gets
-    the same faults each run."""
+    as (method, path), and ``recorded`` every request as a ``Recorded`` (its headers too).
+    Draws come from ``random.Random(seed)``, so a sequence of requests gets the same faults
+    each run."""
 
     def __init__(self, upstream_host: str, upstream_port: int, host: str = "127.0.0.1",
                  seed: int = 0):
         self.faults: list[Fault] = []
         self.injected: dict[str, int] = {}
         self.requests: list[tuple[str, str]] = []
+        self.recorded: list[Recorded] = []
         self._rng = random.Random(seed)
         super().__init__(upstream_host, upstream_port, host)
 
@@ -354,6 +379,7 @@ class HttpProxy(TcpProxy):
     def _choose(self, method: str, path: str, headers: dict[str, str]) -> Fault | None:
         with self._lock:
             self.requests.append((method, path))
+            self.recorded.append(Recorded(method, path, dict(headers)))
             for f in self.faults:
                 if f.when is not None and not f.when(method, path, headers):
                     continue

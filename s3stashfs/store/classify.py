@@ -128,7 +128,10 @@ def _classify(e: BaseException, what: str, answered: bool = False) -> S3StashErr
         for names, cls in ((_NOT_FOUND, NotFound), (_CHANGED, Changed), (_DENIED, Denied),
                            (_RETRY, Throttled)):
             if code in names or status in names:
-                return cls(msg)
+                err = cls(msg)
+                if isinstance(err, Denied):
+                    err.code = code or status
+                return err
         if code == "304" or status == "304":
             return Changed(msg)
         return StoreError(msg)

@@ -110,9 +110,10 @@ class Credentials:
 
     ``call`` runs in worker threads; ``failed``/``ok``/``status`` on the trio thread only."""
 
-    def __init__(self, session):
+    def __init__(self, session, unsigned: bool = False):
         self.profile = session.profile_name
-        self.creds = session.get_credentials()  # resolved once: never the whole chain per request
+        # resolved once: never the whole chain per request; none at all for unsigned requests
+        self.creds = None if unsigned else session.get_credentials()
         self.method = getattr(self.creds, "method", None)
         self.problem: str | None = None
         self.since = 0.0

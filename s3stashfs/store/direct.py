@@ -1,4 +1,4 @@
-"""The direct GET/HEAD data path: signed requests straight through urllib3."""
+"""The direct GET/HEAD data path: signed (or unsigned) requests straight through urllib3."""
 from __future__ import annotations
 
 import email.utils
@@ -12,7 +12,7 @@ import urllib3
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 
-from ..errors import StoreError
+from ..errors import Denied, StoreError
 from .classify import _classify
 from .credentials import TOKEN_CODES
 from .types import CHECKSUMS, Timeouts
@@ -26,18 +26,25 @@ class _Direct:
     hooks, response parsing): more than the request itself on a fast network, and the daemon's
     one Python core is the limit when a directory of small files is read. A GET or HEAD of one
     key needs none of it: the URL is the endpoint plus the bucket and the quoted key, signed with
-    SigV4 by botocore's own signer. Anything unusual (no credentials, a proxy, a redirect to
-    another region) is left to botocore (``None`` is returned, or ``Fallback`` raised)."""
+    SigV4 by botocore's own signer, or not signed at all for public buckets (--no-sign-request).
+    Anything unusual (no credentials, a proxy, a redirect to another region) is left to botocore
+    (``None`` is returned, or ``Fallback`` raised)."""
 
     class Fallback(Exception):
         pass
 
-    def __init__(self, client, session, style: str, timeouts: Timeouts, pool_size: int):
+    def __init__(self, client, session, style: str, timeouts: Timeouts, pool_size: int,
+                 unsigned: bool = False, requester_pays: bool = False):
         from urllib.request import getproxies, proxy_bypass
         self._session = session
+        self._unsigned = unsigned  # --no-sign-request: sent as they are, no credentials
         # the session's one credentials object, which the clients refresh too; asked for once
         # (with none found, asking again per request would run the whole chain every time)
-        self._creds = session.get_credentials()
+        self._creds = None if unsigned else session.get_credentials()
+        # --requester-pays: the header S3 wants, signed like the others (x-amz-* always are)
+        self._extra = {"User-Agent": _USER_AGENT}
+        if requester_pays:
+            self._extra["x-amz-request-payer"] = "requester"
         url = urllib.parse.urlsplit(client.meta.endpoint_url)
         self._scheme, self._host = url.scheme, url.netloc
         self._region = client.meta.region_name or "us-east-1"
@@ -65,15 +72,21 @@ class _Direct:
         url = self._url(bucket, key) if self.enabled else None
         if not url:
             return None
-        if self._creds is None:
-            return None
-        frozen = self._creds.get_frozen_credentials()  # refreshed first when near their expiry
-        req = AWSRequest(method=method, url=url, headers={**headers, "User-Agent": _USER_AGENT})
-        S3SigV4Auth(frozen, "s3", self._region).add_auth(req)
-        r = self._pool.request(method, url, headers=dict(req.headers.items()),
+        token = None
+        if self._unsigned:
+            send = {**headers, **self._extra}
+        else:
+            if self._creds is None:
+                return None
+            frozen = self._creds.get_frozen_credentials()  # refreshed first when near expiry
+            token = frozen.token
+            req = AWSRequest(method=method, url=url, headers={**headers, **self._extra})
+            S3SigV4Auth(frozen, "s3", self._region).add_auth(req)
+            send = dict(req.headers.items())
+        r = self._pool.request(method, url, headers=send,
                                preload_content=False, decode_content=False, redirect=False,
                                timeout=self._timeouts[method])
-        if r.status == 400 and frozen.token and not r.headers.get("x-amz-bucket-region"):
+        if r.status == 400 and token and not r.headers.get("x-amz-bucket-region"):
             _raise_if_token_refused(r, method)  # not a reason to leave the direct path
         if r.status in (301, 302, 307, 400):  # another region, or something botocore handles
             r.drain_conn()
@@ -114,8 +127,9 @@ class _DirectBody:
         self._r.release_conn()
 
 
-def _direct_result(r, what: str) -> dict:
-    """A direct response as the dict botocore would give, or the domain error its status means."""
+def _direct_result(r, what: str, bucket: str | None = None) -> dict:
+    """A direct response as the dict botocore would give, or the domain error its status means
+    (a refusal names ``bucket``)."""
     h = r.headers
     if r.status not in (200, 206):
         code = str(r.status)
@@ -130,9 +144,12 @@ def _direct_result(r, what: str) -> dict:
             r.release_conn()
         if r.status == 304:
             code = "304"
-        raise _classify(bexc.ClientError({"Error": {"Code": code, "Message": ""},
+        err = _classify(bexc.ClientError({"Error": {"Code": code, "Message": ""},
                                           "ResponseMetadata": {"HTTPStatusCode": r.status}},
                                          what.split()[0]), what)
+        if isinstance(err, Denied):
+            err.bucket = bucket
+        raise err
     meta = {k[len("x-amz-meta-"):].lower(): v for k, v in h.items()
             if k.lower().startswith("x-amz-meta-")}
     out = {"ETag": h.get("ETag", ""), "ContentLength": int(h.get("Content-Length", 0)),

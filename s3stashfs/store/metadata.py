@@ -151,7 +151,8 @@ class MetadataCalls(Client):
 
     # ---------------------------------------------------------------- start-up
     def check_access(self, bucket: str | None, buckets: tuple[str, ...]) -> None:
-        """Fail mounting early, with one clear line, when S3 will not serve us."""
+        """Fail mounting early, with one clear line, when S3 will not serve us: a missing
+        bucket, a refusal, no answer (no credentials at all: see ``Client``)."""
         targets = [bucket] if bucket else list(buckets)
         try:
             if targets:
@@ -166,7 +167,12 @@ class MetadataCalls(Client):
         except CredentialsFailed as e:
             raise MountError(e.problem) from None
         except Denied as e:
-            raise MountError(f"S3 refused access ({e}); check the credentials, profile and bucket") from None
+            advice = self.denied_advice(e)
+            if self.unsigned:
+                advice = advice or "unsigned requests may be refused by a bucket that is not public"
+            else:
+                advice = "check the credentials, profile and bucket" + (f"; {advice}" if advice else "")
+            raise MountError(f"S3 refused access ({e}); {advice}") from None
         except Unreachable as e:
             err = MountError(f"cannot reach S3: {e}")
             err.unreachable = True

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..connectivity import Connectivity
-from ..errors import CredentialsFailed, Interrupted, Throttled, Unreachable
+from ..errors import CredentialsFailed, Denied, Interrupted, Throttled, Unreachable
 from .credentials import Credentials
 from .types import Timeouts
 
@@ -27,6 +27,9 @@ class RetryMixin:
     if TYPE_CHECKING:
         async def probe(self, bucket: str | None, limiter: trio.CapacityLimiter | None = None) -> bool:
             ...
+
+    def _on_denied(self, e: Denied) -> None:
+        """Every refusal that leaves ``_run`` passes here (see ``Client._on_denied``)."""
 
     async def _run(self, what: str, limiter, fn, *args, attempts: int = 5, probe: bool = False,
                    abandon: bool = False):
@@ -70,6 +73,9 @@ class RetryMixin:
                     return await self._until_offline(what, limiter, fn, args)
                 return await trio.to_thread.run_sync(fn, *args, limiter=limiter,
                                                      abandon_on_cancel=probe)
+            except Denied as e:  # not retried: S3 said no
+                self._on_denied(e)
+                raise
             except (Throttled, Interrupted, Unreachable) as e:
                 if isinstance(e, Unreachable) and not probe:
                     if not self.connectivity.online:
