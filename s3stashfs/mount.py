@@ -17,6 +17,7 @@ import pyfuse3
 import trio
 
 from . import crashpoints
+from .archive import Archives
 from .cache import Cache
 from .config import Settings
 from .control import ControlServer
@@ -144,8 +145,10 @@ class Mount:
                                  settings.part_size_mb << 20, settings.local_only,
                                  settings.offline_writes)
         self.store.connectivity.on_online.append(self.uploader.retry_now)
+        self.archives = Archives(self.ns, self.cache, self.inodes, str(mountpoint))
         self.ops = Operations(self.inodes, self.ns, self.cache, self.fetcher, self.uploader,
-                              settings.metadata_ttl, settings.read_only, settings.xattrs)
+                              settings.metadata_ttl, settings.read_only, settings.xattrs,
+                              self.archives)
 
     def fuse_options(self) -> set[str]:
         opts = set(pyfuse3.default_options)
