@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESTORE_PARALLEL = 8
+KEEP = 100_000  # keys remembered in each of Archives' sets
 TIERS = ("Standard", "Bulk", "Expedited")  # S3's retrieval tiers (cli.py names them too)
 
 
@@ -73,7 +74,7 @@ class Archives:
     async def get_refused(self, node: Node, e: Archived) -> Archived:
         """S3 refused a GET (403 InvalidObjectState): the object was archived after it was
         listed, or its restored copy expired. A HEAD tells how it is archived, for the message."""
-        self._recheck.add((node.bucket, node.key))
+        self._note_recheck(node.bucket, node.key)
         info = None
         try:
             info = await self.ns.revalidate(node, force=True)
@@ -102,11 +103,18 @@ class Archives:
                    f"{shlex.quote(self.path_of(bucket, key))}` (or restore it in S3), then open "
                    f"it again")
         if self._logged.get((bucket, key)) != msg:
+            if len(self._logged) > KEEP:
+                self._logged.clear()  # bounded: at worst a line is logged again
             self._logged[(bucket, key)] = msg
             log.warning("%s", msg)
             self.cache.record_error(bucket, key, msg)
-        self._recheck.add((bucket, key))
+        self._note_recheck(bucket, key)
         return Archived(msg, storage_class=label)
+
+    def _note_recheck(self, bucket: str, key: str) -> None:
+        if len(self._recheck) > KEEP:
+            self._recheck.clear()  # bounded: at worst one more GET is refused
+        self._recheck.add((bucket, key))
 
     def _readable(self, where: tuple[str, str]) -> None:
         self._recheck.discard(where)
@@ -227,7 +235,7 @@ class Archives:
         # frequent tier for good
         state = await store.restore_object(
             bucket, key, days if head.storage_class in ARCHIVE_CLASSES else None, tier)
-        self._recheck.add((bucket, key))
+        self._note_recheck(bucket, key)
         self._logged.pop((bucket, key), None)
         if state == "restored":  # a restored copy was there already (the HEAD just missed it)
             again = await store.head_object(bucket, key)
