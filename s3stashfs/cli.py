@@ -1,5 +1,5 @@
 """Command line: argument parsing, exit codes, and daemonising ``mount``; the other commands
-(status, cache, pin, unpin, sync) are in commands.py.
+(status, cache, pin, unpin, sync, restore) are in commands.py.
 
 Exit codes: 0 success; 1 the operation failed (no FUSE, S3 refused, bucket missing, endpoint
 unreachable, mount died); 2 bad input (flags, settings, env file, mountpoint); the other
@@ -206,7 +206,45 @@ def build_parser() -> _Parser:
     command("sync", "upload pending changes now and wait",
             "Upload every change not yet in S3 now, wait, and report. Exit status: 0 all in S3, "
             "3 all in S3 but conflicts were kept as copies, 1 some remain pending, 4 not mounted.")
+    _restore_parser(command)
     return p
+
+
+# S3's retrieval tiers (archive.TIERS, not imported: it brings botocore, 0.6 s per command),
+# and the days a restored copy stays: a working week and the weekend after it
+RESTORE_TIERS = ("Standard", "Bulk", "Expedited")
+RESTORE_DAYS = 7
+
+
+def _restore_parser(command) -> None:
+    r = command("restore", "ask S3 to restore archived files (GLACIER, DEEP_ARCHIVE, ...)",
+                "Ask S3 to restore archived objects (GLACIER, DEEP_ARCHIVE, and the archive "
+                "tiers of INTELLIGENT_TIERING) so that they can be read: PATHs are files or "
+                "directories inside a mount (directories are taken whole, recursively; objects "
+                "that are not archived are skipped). S3 takes minutes (Expedited) to hours "
+                "(Standard: 3-5 h, Bulk and DEEP_ARCHIVE: up to 48 h); open the files again "
+                "once it is done. Reports per object: requested, already in progress, already "
+                "restored (until when), not archived. Exit status: 0 requested or already "
+                "restored, 3 some were not archived or already in progress, 1 some failed, "
+                "2 bad input, 4 not inside a mount.", mountpoint=False)
+    r.add_argument("paths", metavar="PATH", nargs="+")
+    r.add_argument("--days", type=_days, default=RESTORE_DAYS,
+                   help=f"how long the restored copy stays readable (GLACIER and DEEP_ARCHIVE; "
+                        f"default {RESTORE_DAYS}; it is billed as STANDARD storage meanwhile)")
+    r.add_argument("--tier", type=str.capitalize, choices=RESTORE_TIERS, default="Standard",
+                   help="retrieval speed and price: Standard (default), Bulk, Expedited")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar on stderr (default: when it is a terminal)")
+
+
+def _days(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,6 +288,8 @@ def cmd_other(args) -> int:
             return commands.cmd_cache(settings, args)
         if args.command in ("pin", "unpin"):
             return commands.cmd_pin(settings, args, pin=args.command == "pin")
+        if args.command == "restore":
+            return commands.cmd_restore(settings, args)
         return commands.cmd_sync(settings, args)
     except commands.CommandError as e:
         print(f"s3stashfs {args.command}: {e}", file=sys.stderr)

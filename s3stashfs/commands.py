@@ -1,4 +1,4 @@
-"""The commands beside `mount`: status, cache size|prune|clear|verify, pin, unpin, sync.
+"""The commands beside `mount`: status, cache size|prune|clear|verify, pin, unpin, sync, restore.
 
 Each asks the running mount over its control socket (control.py). With nothing mounted on the
 cache directory, status and cache work on the directory itself, holding its lock so that no
@@ -6,7 +6,8 @@ mount starts meanwhile; pin, unpin and sync need the mount. Every command prints
 or one JSON document with ``--json``, and its exit status says how it went:
 
 0 done / online; 1 failed; 2 bad input; 3 done, but look: offline (status), bad blocks were found
-and dropped (verify), conflicts were kept as copies (sync); 4 not mounted (status, sync).
+and dropped (verify), conflicts were kept as copies (sync), some objects were not archived or
+their restore was under way already (restore); 4 not mounted (status, sync, restore).
 """
 from __future__ import annotations
 
@@ -336,6 +337,76 @@ def cmd_sync(settings, args) -> int:
         print(f"  conflict: {c['bucket']}/{c['key']} changed in S3; yours is "
               f"{c['bucket']}/{c['conflict_key']}")
     return code
+
+
+_RESTORE_SHOWN = 200  # lines of objects printed; --json lists them all
+
+
+def cmd_restore(settings, args) -> int:
+    """Restores through the mount's control socket: the mount resolves paths as the kernel
+    does, lists directories with its own settings and credentials, and learns at once that
+    those objects must be asked about again when opened."""
+    groups: dict[str, list[str]] = {}
+    for path in args.paths:
+        mp, rest = _restore_path(path)
+        if rest not in groups.setdefault(mp, []):
+            groups[mp].append(rest)
+    bar = ProgressBar(sys.stderr) if _want_progress(args) else None
+    results = []
+    for mp, paths in groups.items():
+        try:
+            r = ask(cache_dir_of(mp), {"cmd": "restore", "paths": paths, "days": args.days,
+                                       "tier": args.tier}, bar.update if bar else None)
+        finally:
+            if bar:
+                bar.done()
+        if r is None:
+            raise CommandError(f"{mp}: the mount does not answer on its control socket")
+        results.append({"mountpoint": mp, **r})
+    objects = [o for r in results for o in r["objects"]]
+    states = [o["state"] for o in objects]
+    code = (EXIT_FAIL if "failed" in states else
+            EXIT_LOOK if not objects or {"in progress", "not archived"} & set(states) else EXIT_OK)
+    if args.json:
+        print(json.dumps(results if len(results) != 1 else results[0], indent=2))
+        return code
+    n = {s: states.count(s) for s in ("requested", "in progress", "restored", "not archived",
+                                      "failed")}
+    print(f"restore ({args.tier}, {args.days} days): {n['requested']} requested, "
+          f"{n['in progress']} already in progress, {n['restored']} already restored, "
+          f"{n['not archived']} not archived (skipped), {n['failed']} failed")
+    for o in objects[:_RESTORE_SHOWN]:
+        line = f"  {o['state']:<13} {o['bucket']}/{o['key']}"
+        if o.get("storage_class") and o["state"] != "not archived":
+            line += f"  ({o['storage_class']}{' ' + o['archive_status'] if o.get('archive_status') else ''})"
+        if o["state"] == "restored" and o.get("expiry"):
+            line += f"  until {o['expiry']}"
+        if o["state"] == "failed":
+            line += f": {o.get('error')}"
+        print(line, file=sys.stderr if o["state"] == "failed" else sys.stdout)
+    if len(objects) > _RESTORE_SHOWN:
+        print(f"  ... and {len(objects) - _RESTORE_SHOWN} more (--json lists them all)")
+    if not objects:
+        print("  nothing there to restore")
+    return code
+
+
+def _restore_path(path: str) -> tuple[str, str]:
+    """(mountpoint, path below it) for ``restore``: exit 4 when no s3stashfs mount holds the
+    path, 2 when the mount says there is no such file."""
+    try:
+        mp, parts = mount_containing(path)
+    except CommandError as e:
+        if e.code == EXIT_USAGE:
+            raise CommandError(str(e), EXIT_NOT_MOUNTED) from None
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            raise CommandError(str(e), EXIT_USAGE) from None
+        except OSError:
+            pass
+        raise
+    return mp, "/".join(parts)
 
 
 # ------------------------------------------------------------------------ formatting

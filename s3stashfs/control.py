@@ -1,4 +1,5 @@
-"""The control channel: `s3stashfs status | cache | pin | unpin | sync` talk to a running mount.
+"""The control channel: `s3stashfs status | cache | pin | unpin | sync | restore` talk to a
+running mount.
 
 The mount listens on a unix socket, ``control.sock``, in its cache directory (mode 0700, the
 socket 0600), and accepts only peers of its own user (or root), checked with SO_PEERCRED.
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .archive import TIERS
 from .errors import S3StashError, Unreachable
 from .inodes import Kind
 from .namespace import valid_name
@@ -133,6 +135,9 @@ class ControlServer:
             return await self.pin([_parts(p) for p in request["paths"]], send)
         if cmd == "unpin":
             return await self.unpin([_parts(p) for p in request["paths"]])
+        if cmd == "restore":
+            return await self.restore([_parts(p) for p in request["paths"]],
+                                      int(request["days"]), str(request["tier"]), send)
         if cmd == "sync":
             conn = self.m.store.connectivity
             if not conn.online and await self.m.store.probe(self.m.settings.bucket):
@@ -248,6 +253,23 @@ class ControlServer:
                  state["bytes"], state["fetched"], len(failed))
         return {**state, "failed": failed, "files_total": len(unique), "bytes_total": total,
                 "seconds": time.monotonic() - t0}
+
+    async def restore(self, paths: list[list[str]], days: int, tier: str, send) -> dict:
+        """Ask S3 to restore every archived object at or under ``paths`` (archive.py)."""
+        m = self.m
+        if tier not in TIERS or days < 1:
+            raise ControlError(f"restore: tier {tier!r} (one of {', '.join(TIERS)}) and days "
+                               f"{days} (1 or more)", 22)
+        targets: list[tuple[str, str, ObjectInfo]] = []
+        seen: set[tuple[str, str]] = set()
+        for parts in paths:
+            if not m.store.connectivity.online and not await m.store.recheck():
+                raise Unreachable("S3 is unreachable: cannot ask for restores now")
+            for t in await self._targets(await self._resolve(parts)):
+                if (t[0], t[1]) not in seen:
+                    seen.add((t[0], t[1]))
+                    targets.append(t)
+        return await m.archives.restore(targets, days, tier, send)
 
     async def unpin(self, paths: list[list[str]]) -> dict:
         m = self.m

@@ -13,6 +13,7 @@ class S3StashError(Exception):
     """Base of every domain error; ``errno`` is what a file operation reports."""
 
     errno = errno.EIO
+    s3_code = ""  # S3's error code, when S3 answered with one (set by store/classify.py)
 
 
 class NotFound(S3StashError):
@@ -81,6 +82,24 @@ class CredentialsFailed(Denied):
         super().__init__(f"{what}: {problem}")
         self.what, self.problem = what, problem
         self.rejected, self.certain, self.sso = rejected, certain, sso
+
+
+class Archived(S3StashError):
+    """The object is in an archive storage class (GLACIER, DEEP_ARCHIVE) or an archive tier of
+    INTELLIGENT_TIERING, and no restored copy is readable: S3 refuses to GET it (403
+    InvalidObjectState) until it is restored, which takes minutes to hours.
+
+    EREMOTE ("Object is remote"), as s3fs gives: the bytes exist but are not here, and waiting
+    will not bring them. Not EACCES (mountpoint-s3's choice): that is what a refused credential
+    gives, and sends the user to check permissions that are fine. Not EIO: nothing failed, and
+    EIO means "retry or call the admin". Not EAGAIN: programs retry it in a loop for hours.
+    The mount stays online: S3 answered. ``message`` is the one line for the log and status."""
+
+    errno = errno.EREMOTE
+
+    def __init__(self, message: str = "", *, storage_class: str | None = None):
+        super().__init__(message)
+        self.storage_class = storage_class  # S3's word, when it said (GET's error has it)
 
 
 class Throttled(S3StashError):

@@ -18,13 +18,15 @@ import pyfuse3
 import trio
 
 from . import crashpoints
+from .archive import Archives
 from .cache import Cache, CachedObject, check_reserve
-from .errors import (Changed, Damaged, Exists, IsADirectory, NotADirectory, NotEmpty, NotFound,
-                     NotSupported, ReadOnly, S3StashError, Unreachable, errno_for)
+from .errors import (Archived, Changed, Damaged, Exists, IsADirectory, NotADirectory, NotEmpty,
+                     NotFound, NotSupported, ReadOnly, S3StashError, Unreachable, errno_for)
 from .fetch import Fetcher, ReadState
 from .inodes import InodeTable, Kind, Node
 from .namespace import Namespace
 from .store import meta_mtime, run_all
+from .store.archive import readable
 from .uploads import Uploader
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,9 @@ def handler(fn):
         except pyfuse3.FUSEError:
             raise
         except (NotFound, ReadOnly, Changed, Exists, NotEmpty, NotADirectory, IsADirectory,
-                NotSupported, Damaged) as e:
-            # expected answers; Changed is logged by read(), Damaged by the cache (once per file)
+                NotSupported, Damaged, Archived) as e:
+            # expected answers; Changed is logged by read(), Damaged by the cache (once per file),
+            # Archived by archive.py (once per object)
             log.debug("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(e.errno) from None
         except Unreachable as e:
@@ -85,8 +88,10 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
     def __init__(self, inodes: InodeTable, ns: Namespace, cache: Cache, fetcher: Fetcher,
-                 uploader: Uploader, ttl: float, read_only: bool = False, xattrs: bool = False):
+                 uploader: Uploader, ttl: float, read_only: bool = False, xattrs: bool = False,
+                 archives: Archives | None = None):
         super().__init__()
+        self.archives = archives or Archives(ns, cache, inodes)
         self.xattrs = xattrs
         self.uploader = uploader
         self.inodes = inodes
@@ -198,6 +203,7 @@ class Operations(pyfuse3.Operations):
             except NotFound:
                 self._forget_entry(node)
                 raise
+            info = await self.archives.check_open(node, info)  # archived: EREMOTE, no GET
             obj, same = self.cache.open_object(node.bucket, node.key, info)
             if old is not None and (old.size != info.size or old.mtime_ns != info.mtime_ns):
                 self._invalidate_attrs(node)
@@ -296,7 +302,8 @@ class Operations(pyfuse3.Operations):
                 continue
             listing.ahead = pos
             info = child.info
-            if child.kind is Kind.FILE and info is not None and self.fetcher.small(info.size):
+            if (child.kind is Kind.FILE and info is not None and self.fetcher.small(info.size)
+                    and readable(info)):  # GLACIER, DEEP_ARCHIVE not known restored: no GET
                 obj, _ = self.cache.open_object(child.bucket, child.key, info, opening=False)
                 self.fetcher.prefetch(obj)
                 self.cache.release_if_idle(obj)
@@ -334,6 +341,8 @@ class Operations(pyfuse3.Operations):
             return await self._read(h, off, size)
         except (Unreachable, Damaged):
             raise  # offline: status says so; damaged bytes: recorded by the cache
+        except Archived as e:  # archived since its listing, or its restored copy expired
+            raise await self.archives.get_refused(h.node, e) from None
         except Changed:
             self.cache.record_error(h.obj.bucket, h.obj.key, "read: changed in S3 while open "
                                     f"(this open had ETag {h.obj.etag}): EIO")
@@ -877,6 +886,8 @@ class Operations(pyfuse3.Operations):
         if etag:
             out["user.s3.etag"] = etag
         out["user.s3.cache"] = self.cache.describe(node.bucket, node.key)
+        if row is None or not row.dirty:  # S3's version: its storage class, restore state
+            out.update(await self.archives.xattrs(node))
         return out
 
 

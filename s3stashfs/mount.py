@@ -17,6 +17,7 @@ import pyfuse3
 import trio
 
 from . import crashpoints
+from .archive import Archives
 from .cache import Cache
 from .config import Settings
 from .control import ControlServer
@@ -159,8 +160,10 @@ class Mount:
         self.store.connectivity.on_online.append(self.uploader.retry_now)
         # a refusal the store can explain (requester-pays, not public) is shown by `status`
         self.store.on_hint.append(lambda bucket, hint: self.cache.record_error(bucket, "", hint))
+        self.archives = Archives(self.ns, self.cache, self.inodes, str(mountpoint))
         self.ops = Operations(self.inodes, self.ns, self.cache, self.fetcher, self.uploader,
-                              settings.metadata_ttl, settings.read_only, settings.xattrs)
+                              settings.metadata_ttl, settings.read_only, settings.xattrs,
+                              self.archives)
 
     def fuse_options(self) -> set[str]:
         opts = set(pyfuse3.default_options)

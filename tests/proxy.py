@@ -17,7 +17,8 @@ NAT dropping its state would) and forwards again. Everything runs in threads of 
 
 ``HttpProxy`` does all that, and understands HTTP/1.1 in ``pass`` mode (keep-alive,
 Content-Length and chunked bodies, ``Expect: 100-continue``, HEAD answers without a body), so
-that it can break single requests on purpose: ``inject(Fault(...))`` (see ``Fault``).
+that it can break single requests on purpose: ``inject(Fault(...))`` (see ``Fault``), and
+rewrite the head of answers (``on_answer``: add the headers a real S3 sends and moto does not).
 """
 from __future__ import annotations
 
@@ -238,7 +239,7 @@ class TcpProxy:
 
 # ---------------------------------------------------------------------- HTTP-aware faults
 
-FAULT_KINDS = ("403", "500", "503", "expired", "drop", "reset", "cut", "trickle", "hold")
+FAULT_KINDS = ("403", "500", "503", "expired", "answer", "drop", "reset", "cut", "trickle", "hold")
 INTERNAL_ERROR_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
                        b'<Message>We encountered an internal error. Please try again.</Message></Error>')
 EXPIRED_TOKEN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ExpiredToken</Code>'
@@ -260,6 +261,8 @@ class Fault:
     kinds:
     - ``403`` / ``500`` / ``503`` / ``expired``: answered AccessDenied / InternalError / SlowDown /
       400 ExpiredToken (S3's XML; a HEAD's answer without its body, as S3's), not forwarded.
+    - ``answer``: answered ``status`` with S3's XML error ``code`` (no body when ``code`` is
+      empty), not forwarded: an answer moto cannot give (409 RestoreAlreadyInProgress...).
     - ``drop``: forwarded (S3 acts on it), its answer read, then the connection reset before
       any byte of it reaches the client: "did my PUT happen?"
     - ``reset``: the answer's head and ``at`` of its body forwarded, then RST.
@@ -279,6 +282,8 @@ class Fault:
     at: float | int | None = 0.5
     piece: int = 16384
     pause: float = 0.005
+    status: int = 0  # kind "answer"
+    code: str = ""  # kind "answer"
     injected: int = 0
     _reserved: int = 0
 
@@ -359,6 +364,8 @@ class HttpProxy(TcpProxy):
         self.injected: dict[str, int] = {}
         self.requests: list[tuple[str, str]] = []
         self.recorded: list[Recorded] = []
+        # (method, path, answer head) -> the head to send instead; bodies are left alone
+        self.on_answer: Callable[[str, str, bytes], bytes] | None = None
         self._rng = random.Random(seed)
         super().__init__(upstream_host, upstream_port, host)
 
@@ -557,7 +564,7 @@ class _Link:
             req_framing = ("length", 0)  # a request without a length has no body
         expect = req.get("expect", "").lower() == "100-continue"
         fault = self.p._choose(method, path, req)
-        if fault is not None and fault.kind in _ERROR_ANSWERS:
+        if fault is not None and (fault.kind in _ERROR_ANSWERS or fault.kind == "answer"):
             if not expect:
                 self.relay(self.client, None, req_framing)
             self._answer_error(fault, method)
@@ -582,6 +589,8 @@ class _Link:
             answer = self.read_head(self.upstream)
             if answer is None:
                 raise _Gone()
+        if self.p.on_answer is not None:
+            answer = self.p.on_answer(method, path, answer)
         status, res = _status(answer), _headers(answer)
         framing = _framing(res, bodiless=method == "HEAD" or status in (204, 304))
         closing = closing or "close" in res.get("connection", "").lower() or framing[0] == "close"
@@ -597,7 +606,13 @@ class _Link:
         return not closing
 
     def _answer_error(self, fault: Fault, method: str) -> None:
-        code, reason, body = _ERROR_ANSWERS[fault.kind]
+        if fault.kind == "answer":
+            code, reason = fault.status, b"Fault"
+            body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>%s</Code><Message>'
+                    b'injected by the test proxy</Message></Error>' % fault.code.encode()
+                    if fault.code else b"")
+        else:
+            code, reason, body = _ERROR_ANSWERS[fault.kind]
         head = (b"HTTP/1.1 %d %s\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n"
                 b"Connection: close\r\n\r\n" % (code, reason, len(body)))
         self.p._settle(fault, True)  # counted before the client can see it

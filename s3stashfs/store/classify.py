@@ -14,6 +14,7 @@ import botocore.exceptions as bexc
 import urllib3
 
 from ..errors import (
+    Archived,
     Changed,
     ChecksumMismatch,
     Conflict,
@@ -40,6 +41,8 @@ _RETRY = {"429", "500", "502", "503", "504", "SlowDown", "InternalError", "Servi
           "BandwidthLimitExceeded", "RequestThrottled"}
 # a plain OSError (not a ConnectionError) that still means "no way to S3"
 _NET_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
+# an archived object that is not restored: a GET's 403, a copy's source refused
+_ARCHIVED = {"InvalidObjectState", "ObjectNotInActiveTierError"}
 
 
 def _conditions(base: str | None) -> dict[str, str]:
@@ -125,16 +128,18 @@ def _classify(e: BaseException, what: str, answered: bool = False) -> S3StashErr
         if code in TOKEN_CODES or maybe:  # a HEAD's 400 has no body to say why
             return CredentialsFailed(what, f"S3 rejected the session token ({code})", rejected=True,
                                      certain=not maybe)
+        if code in _ARCHIVED:  # a 403, but no refused credential: before _DENIED
+            return Archived(msg, storage_class=err.get("StorageClass") or None)
         for names, cls in ((_NOT_FOUND, NotFound), (_CHANGED, Changed), (_DENIED, Denied),
                            (_RETRY, Throttled)):
             if code in names or status in names:
-                err = cls(msg)
-                if isinstance(err, Denied):
-                    err.code = code or status
-                return err
+                out = _coded(cls(msg), code)
+                if isinstance(out, Denied):
+                    out.code = code or status
+                return out
         if code == "304" or status == "304":
             return Changed(msg)
-        return StoreError(msg)
+        return _coded(StoreError(msg), code)
     if is_provider_failure(e):  # before the network errors: its endpoint is not S3
         return failure(e, what)
     if isinstance(e, bexc.FlexibleChecksumError):
@@ -147,6 +152,12 @@ def _classify(e: BaseException, what: str, answered: bool = False) -> S3StashErr
     if isinstance(e, OSError):  # writing the cache file failed (ENOSPC, EIO): not S3's fault
         raise e
     return StoreError(f"{what}: {type(e).__name__}: {e}")
+
+
+def _coded(e: S3StashError, code: str) -> S3StashError:
+    """``e`` with S3's error code, for the callers that tell codes of one status apart."""
+    e.s3_code = code
+    return e
 
 
 def _botocore_answered(e: BaseException) -> bool:

@@ -165,7 +165,10 @@ def _direct_result(r, what: str, bucket: str | None = None) -> dict:
         if v:
             out[f"Checksum{algo}"] = v
     for header, name in (("x-amz-checksum-type", "ChecksumType"),
-                         ("x-amz-mp-parts-count", "PartsCount")):
+                         ("x-amz-mp-parts-count", "PartsCount"),
+                         ("x-amz-storage-class", "StorageClass"),  # archived objects: archive.py
+                         ("x-amz-restore", "Restore"),
+                         ("x-amz-archive-status", "ArchiveStatus")):
         if h.get(header):
             out[name] = h[header]
     return out

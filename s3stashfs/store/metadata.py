@@ -21,7 +21,10 @@ class MetadataCalls(Client):
         mtime = parse_meta_mtime(meta.get("mtime"))
         return ObjectInfo(etag=strip_etag(r.get("ETag", "")), size=int(r.get("ContentLength", 0)),
                           last_modified_ns=lm, mtime_ns=mtime if mtime is not None else lm,
-                          metadata=tuple(sorted(meta.items())), from_head=True)
+                          metadata=tuple(sorted(meta.items())), from_head=True,
+                          storage_class=r.get("StorageClass") or "STANDARD",
+                          restore=r.get("Restore") or None,
+                          archive_status=r.get("ArchiveStatus") or None)
 
     async def head_object(self, bucket: str, key: str) -> ObjectInfo | None:
         """The object's current version, or None when there is no such key."""
@@ -84,7 +87,8 @@ class MetadataCalls(Client):
                 lm = _ns(o.get("LastModified"))
                 keys.append(o["Key"])
                 objs.append(ObjectInfo(etag=strip_etag(o.get("ETag", "")), size=int(o.get("Size", 0)),
-                                       last_modified_ns=lm, mtime_ns=lm))
+                                       last_modified_ns=lm, mtime_ns=lm,
+                                       storage_class=o.get("StorageClass") or "STANDARD"))
             prefixes = [p["Prefix"] for p in r.get("CommonPrefixes", [])]
             nxt = r.get("NextContinuationToken") if r.get("IsTruncated") else None
             return ListPage(prefixes, objs, keys, nxt)
@@ -104,7 +108,8 @@ class MetadataCalls(Client):
             for o in r.get("Contents", []):
                 out.append((o["Key"], ObjectInfo(etag=strip_etag(o.get("ETag", "")),
                                                  size=int(o.get("Size", 0)), last_modified_ns=0,
-                                                 mtime_ns=0)))
+                                                 mtime_ns=0,
+                                                 storage_class=o.get("StorageClass") or "STANDARD")))
             token = r.get("NextContinuationToken") if r.get("IsTruncated") else None
             if token is None:
                 return out
@@ -148,6 +153,29 @@ class MetadataCalls(Client):
             except Changed as e:
                 raise _conditional(what, base, e) from None
         await self._run(what, self._meta, call)
+
+    async def restore_object(self, bucket: str, key: str, days: int | None, tier: str) -> str:
+        """Ask S3 to restore an archived object: a copy readable for ``days`` (GLACIER,
+        DEEP_ARCHIVE), or, with ``days`` None, back to the frequent tier (INTELLIGENT_TIERING's
+        archive tiers, which take no days). Returns "requested" (202), "restored" (200: a
+        restored copy was there already; S3 has moved its expiry) or "in progress" (409
+        RestoreAlreadyInProgress)."""
+        what = f"RESTORE s3://{bucket}/{key}"
+        request: dict = {"GlacierJobParameters": {"Tier": tier}}
+        if days is not None:
+            request["Days"] = days
+
+        def call():
+            try:
+                r = self._call(what, "restore_object", Bucket=bucket, Key=key,
+                               RestoreRequest=request)
+            except S3StashError as e:
+                if e.s3_code == "RestoreAlreadyInProgress":
+                    return "in progress"
+                raise
+            status = r.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return "restored" if status == 200 else "requested"
+        return await self._run(what, self._meta, call)
 
     # ---------------------------------------------------------------- start-up
     def check_access(self, bucket: str | None, buckets: tuple[str, ...]) -> None:

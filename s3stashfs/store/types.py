@@ -60,6 +60,9 @@ class ObjectInfo:
     mtime_ns: int  # x-amz-meta-mtime when present (the s3fs convention), else LastModified
     metadata: tuple[tuple[str, str], ...] = ()  # x-amz-meta-* (only known after a HEAD)
     from_head: bool = False
+    storage_class: str = "STANDARD"  # listing's StorageClass, HEAD's x-amz-storage-class
+    restore: str | None = None  # HEAD's x-amz-restore (see store/archive.py)
+    archive_status: str | None = None  # HEAD's x-amz-archive-status (INTELLIGENT_TIERING)
 
 
 @dataclasses.dataclass
