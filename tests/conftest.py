@@ -111,6 +111,15 @@ def clean_environ(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def static_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores made in the test's own process find the test's static keys, as a mount's daemon
+    does (a Store refuses to start when boto3 finds no credentials, --no-sign-request aside)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_ACCESS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET_ACCESS_KEY)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
 @pytest.fixture(scope="session")
 def s3env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Environment for subprocesses (the mount, tools): test credentials and region,

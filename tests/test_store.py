@@ -23,6 +23,9 @@ class Body(io.BytesIO):
     pass
 
 
+pytestmark = pytest.mark.usefixtures("static_keys")
+
+
 class FakeClient:
     def __init__(self, data: bytes, etag: str):
         self.data, self.etag = data, etag

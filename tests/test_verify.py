@@ -18,7 +18,7 @@ from s3stashfs.cache import BLOCK_SIZE, Cache
 from s3stashfs.store import ObjectInfo, PartsInfo, Store
 from s3stashfs.verify import Verifier
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("static_keys")]
 
 SIZE = 20 * MiB + 777  # three parts of 8 MiB: 8, 8, 4 MiB + 777
 PART = 8 * MiB
