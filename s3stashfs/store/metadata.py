@@ -5,7 +5,7 @@ import logging
 
 import trio
 
-from ..errors import Changed, Denied, MountError, NotFound, S3StashError, Unreachable
+from ..errors import Changed, Denied, MountError, NotFound, S3StashError, Unreachable, Untrusted
 from .classify import _conditional, _conditions
 from .client import Client
 from .types import ListPage, ObjectInfo, _ns, parse_meta_mtime, strip_etag
@@ -162,6 +162,9 @@ class MetadataCalls(Client):
                         raise MountError(f"bucket not found: {b}") from None
             else:
                 self._call("ListBuckets", "list_buckets")
+        except Untrusted as e:
+            raise MountError(f"cannot reach S3: the server's TLS certificate is not trusted "
+                             f"({e.reason}); give its CA with --ca-bundle or AWS_CA_BUNDLE") from None
         except Denied as e:
             raise MountError(f"S3 refused access ({e}); check the credentials, profile and bucket") from None
         except Unreachable as e:
