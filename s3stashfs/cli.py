@@ -312,6 +312,10 @@ def _settings_env(settings) -> dict[str, str]:
         env["S3STASHFS_BUCKET"] = settings.bucket + ("/" + settings.prefix if settings.prefix else "")
     if settings.buckets:
         env["S3STASHFS_BUCKETS"] = ",".join(settings.buckets)
+    if settings.ca_bundle is not None:
+        env["S3STASHFS_CA_BUNDLE"] = str(settings.ca_bundle)
+    if settings.no_verify_ssl:
+        env["S3STASHFS_NO_VERIFY_SSL"] = "1"
     return env
 
 

@@ -95,20 +95,21 @@ def _untrusted(e: BaseException) -> str | None:
     """Why the server's certificate was refused, when ``e`` is (or wraps: botocore's SSLError,
     urllib3's SSLError and MaxRetryError) a failed certificate check; else None. Other TLS
     failures (a handshake cut off) stay network failures."""
-    seen: set[int] = set()
+    chain: list[BaseException] = []
     todo: list[object] = [e]
-    while todo:
-        x = todo.pop()
-        if not isinstance(x, BaseException) or id(x) in seen:
+    while todo and len(chain) < 20:
+        x = todo.pop(0)
+        if not isinstance(x, BaseException) or any(x is c for c in chain):
             continue
-        seen.add(id(x))
+        chain.append(x)
         if isinstance(x, ssl.SSLCertVerificationError):
             return x.verify_message or str(x)
+        todo += [x.__cause__, x.__context__, getattr(x, "reason", None), *x.args,
+                 *(getattr(x, "kwargs", None) or {}).values()]
+    for x in chain:
         if isinstance(x, (ssl.SSLError, urllib3.exceptions.SSLError, bexc.SSLError)) \
                 and "CERTIFICATE_VERIFY_FAILED" in str(x):
             return str(x)
-        todo += [x.__cause__, x.__context__, getattr(x, "reason", None), *x.args,
-                 *(getattr(x, "kwargs", None) or {}).values()]
     return None
 
 
