@@ -162,6 +162,18 @@ class StoreError(S3StashError):
     errno = errno.EIO
 
 
+class Untrusted(StoreError):
+    """The server's TLS certificate failed the check (not signed by a trusted CA, expired,
+    another host's). Not "unreachable": something answered, and it is not known to be S3, so
+    the mount neither goes offline nor retries; the user must trust its CA (--ca-bundle,
+    AWS_CA_BUNDLE) or fix the endpoint. EIO for a file operation; exit 1 at mount."""
+
+    def __init__(self, what: str, reason: str):
+        super().__init__(f"{what}: the server's TLS certificate is not trusted ({reason}); "
+                         "give its CA with --ca-bundle or AWS_CA_BUNDLE")
+        self.reason = reason
+
+
 class ConfigError(Exception):
     """A setting, flag or env file is wrong. The message is one line naming the key."""
 

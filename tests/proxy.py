@@ -25,12 +25,14 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import random
+import re
 import select
 import socket
 import struct
 import termios
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 
 MODES = ("pass", "reset", "blackhole", "refuse", "slowdown")
@@ -320,6 +322,9 @@ class Recorded:
         """Sent by s3stashfs's direct GET/HEAD path (store/direct.py), not by botocore."""
         return self.headers.get("user-agent", "").startswith("s3stashfs (direct")
 
+    def __iter__(self):  # method, path, headers = recorded
+        return iter((self.method, self.path, self.headers))
+
 
 class _Gone(Exception):
     """The connection ended: a peer closed it, or the proxy cut it (set_mode, close)."""
@@ -354,9 +359,17 @@ class HttpProxy(TcpProxy):
 
     ``inject(fault)`` adds a fault (the first one that accepts a request applies), ``clear()``
     removes them; ``injected`` counts all faults done by kind, ``requests`` every request seen
-    as (method, path), and ``recorded`` every request as a ``Recorded`` (its headers too).
-    Draws come from ``random.Random(seed)``, so a sequence of requests gets the same faults
-    each run."""
+    as (method, path), and ``recorded`` (also ``seen``) every request as a ``Recorded`` (its
+    headers too; it unpacks as ``method, path, headers``). Draws come from
+    ``random.Random(seed)``, so a sequence of requests gets the same faults each run.
+
+    It also serves as a forward proxy (``HTTP_PROXY``): a request for an absolute URL
+    (``GET http://host/path``) goes to the same upstream, its path being the URL's path.
+
+    ``regions`` (bucket -> region) makes it act as AWS does for a bucket in another region: a
+    path-style request signed (SigV4 ``Credential`` scope) for another region is answered
+    ``301 PermanentRedirect`` (HEAD, no body) or ``400 AuthorizationHeaderMalformed`` naming
+    the region (``<Region>``), both with ``x-amz-bucket-region``; ``redirected`` counts them."""
 
     def __init__(self, upstream_host: str, upstream_port: int, host: str = "127.0.0.1",
                  seed: int = 0):
@@ -366,6 +379,8 @@ class HttpProxy(TcpProxy):
         self.recorded: list[Recorded] = []
         # (method, path, answer head) -> the head to send instead; bodies are left alone
         self.on_answer: Callable[[str, str, bytes], bytes] | None = None
+        self.regions: dict[str, str] = {}
+        self.redirected = 0
         self._rng = random.Random(seed)
         super().__init__(upstream_host, upstream_port, host)
 
@@ -383,10 +398,38 @@ class HttpProxy(TcpProxy):
                 self._rng = random.Random(seed)
 
     # ------------------------------------------------------------------ choosing
-    def _choose(self, method: str, path: str, headers: dict[str, str]) -> Fault | None:
+    @property
+    def seen(self) -> list[Recorded]:
+        return self.recorded
+
+    def _wrong_region(self, method: str, path: str, headers: dict[str, str]) -> bytes | None:
+        """AWS's answer to a request signed for a region its bucket is not in, or None."""
+        bucket = urllib.parse.urlsplit(path).path.lstrip("/").split("/", 1)[0]
+        region = self.regions.get(urllib.parse.unquote(bucket))
+        m = re.search(r"Credential=[^/]+/\d{8}/([^/]+)/s3/", headers.get("authorization", ""))
+        if region is None or m is None or m.group(1) == region:
+            return None
+        with self._lock:
+            self.redirected += 1
+        if method == "HEAD":
+            return (b"HTTP/1.1 301 Moved Permanently\r\nx-amz-bucket-region: %s\r\n"
+                    b"Content-Length: 0\r\nConnection: close\r\n\r\n" % region.encode())
+        body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AuthorizationHeaderMalformed'
+                b'</Code><Message>The authorization header is malformed; the region \'%s\' is '
+                b'wrong; expecting \'%s\'</Message><Region>%s</Region></Error>'
+                % (m.group(1).encode(), region.encode(), region.encode()))
+        return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\n"
+                b"x-amz-bucket-region: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                % (region.encode(), len(body)) + body)
+
+    def _record(self, method: str, path: str, headers: dict[str, str]) -> None:
         with self._lock:
             self.requests.append((method, path))
             self.recorded.append(Recorded(method, path, dict(headers)))
+
+    def _choose(self, method: str, path: str, headers: dict[str, str]) -> Fault | None:
+        self._record(method, path, headers)
+        with self._lock:
             for f in self.faults:
                 if f.when is not None and not f.when(method, path, headers):
                     continue
@@ -563,6 +606,13 @@ class _Link:
         if req_framing[0] == "close":
             req_framing = ("length", 0)  # a request without a length has no body
         expect = req.get("expect", "").lower() == "100-continue"
+        redirect = self.p._wrong_region(method, path, req) if self.p.regions else None
+        if redirect is not None:
+            self.p._record(method, path, req)
+            if not expect:
+                self.relay(self.client, None, req_framing)
+            self.send(self.client, redirect)
+            return False
         fault = self.p._choose(method, path, req)
         if fault is not None and (fault.kind in _ERROR_ANSWERS or fault.kind == "answer"):
             if not expect:

@@ -9,6 +9,7 @@ import errno
 import http.client
 import logging
 import socket
+import ssl
 
 import botocore.exceptions as bexc
 import urllib3
@@ -26,6 +27,7 @@ from ..errors import (
     StoreError,
     Throttled,
     Unreachable,
+    Untrusted,
 )
 from .credentials import TOKEN_CODES, failure, is_provider_failure
 from .types import strip_etag
@@ -93,6 +95,28 @@ def _failure(e: BaseException) -> str | None:
     return None
 
 
+def _untrusted(e: BaseException) -> str | None:
+    """Why the server's certificate was refused, when ``e`` is (or wraps: botocore's SSLError,
+    urllib3's SSLError and MaxRetryError) a failed certificate check; else None. Other TLS
+    failures (a handshake cut off) stay network failures."""
+    chain: list[BaseException] = []
+    todo: list[object] = [e]
+    while todo and len(chain) < 20:
+        x = todo.pop(0)
+        if not isinstance(x, BaseException) or any(x is c for c in chain):
+            continue
+        chain.append(x)
+        if isinstance(x, ssl.SSLCertVerificationError):
+            return x.verify_message or str(x)
+        todo += [x.__cause__, x.__context__, getattr(x, "reason", None), *x.args,
+                 *(getattr(x, "kwargs", None) or {}).values()]
+    for x in chain:
+        if isinstance(x, (ssl.SSLError, urllib3.exceptions.SSLError, bexc.SSLError)) \
+                and "CERTIFICATE_VERIFY_FAILED" in str(x):
+            return str(x)
+    return None
+
+
 def _unreachable(e: BaseException, what: str) -> Unreachable | None:
     """``e``, met before any answer came (no status line), as Unreachable: refused, reset or
     closed, DNS failure, connect timeout, or a server that accepted the connection and said
@@ -144,6 +168,9 @@ def _classify(e: BaseException, what: str, answered: bool = False) -> S3StashErr
         return failure(e, what)
     if isinstance(e, bexc.FlexibleChecksumError):
         return ChecksumMismatch(f"{what}: {e}")
+    reason = _untrusted(e)
+    if reason is not None:
+        return Untrusted(what, reason)
     net = _interrupted(e, what) if answered else _unreachable(e, what)
     if net is not None:
         return net

@@ -4,17 +4,21 @@ from __future__ import annotations
 import email.utils
 import logging
 import re
+import threading
 import urllib.parse
+from collections.abc import Callable
 
 import botocore.exceptions as bexc
 import botocore.httpsession
 import urllib3
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
+from botocore.utils import get_environ_proxies
 
 from ..errors import Denied, StoreError
 from .classify import _classify
 from .credentials import TOKEN_CODES
+from .routes import Route, Routes, region_in_answer
 from .types import CHECKSUMS, Timeouts
 
 log = logging.getLogger(__name__)
@@ -25,18 +29,24 @@ class _Direct:
     botocore spends about 1 ms of CPU on each call in generic machinery (endpoint rules, event
     hooks, response parsing): more than the request itself on a fast network, and the daemon's
     one Python core is the limit when a directory of small files is read. A GET or HEAD of one
-    key needs none of it: the URL is the endpoint plus the bucket and the quoted key, signed with
-    SigV4 by botocore's own signer, or not signed at all for public buckets (--no-sign-request).
-    Anything unusual (no credentials, a proxy, a redirect to another region) is left to botocore
+    key needs none of it: the URL is the bucket's route (``routes``: its region's host, or the
+    endpoint, plus the quoted key), signed with SigV4 for the bucket's region by botocore's own
+    signer, or not signed at all for public buckets (--no-sign-request). Connections are made as
+    botocore's URLLib3Session makes them: the same CA bundle (or none checked), and the proxy of
+    HTTPS_PROXY / HTTP_PROXY unless NO_PROXY names the host. A redirect naming the bucket's
+    region moves the bucket there and is tried once more; anything else unusual (no credentials,
+    a redirect without a region) is left to botocore
     (``None`` is returned, or ``Fallback`` raised)."""
 
     class Fallback(Exception):
         pass
 
-    def __init__(self, client, session, style: str, timeouts: Timeouts, pool_size: int,
+    def __init__(self, session, routes: Routes, find_route: Callable[[str], Route],
+                 timeouts: Timeouts, pool_size: int, verify: bool | str | None,
                  unsigned: bool = False, requester_pays: bool = False):
-        from urllib.request import getproxies, proxy_bypass
         self._session = session
+        self._routes = routes
+        self._find_route = find_route  # a HeadBucket, the first time a bucket is met
         self._unsigned = unsigned  # --no-sign-request: sent as they are, no credentials
         # the session's one credentials object, which the clients refresh too; asked for once
         # (with none found, asking again per request would run the whole chain every time)
@@ -45,65 +55,106 @@ class _Direct:
         self._extra = {"User-Agent": _USER_AGENT}
         if requester_pays:
             self._extra["x-amz-request-payer"] = "requester"
-        url = urllib.parse.urlsplit(client.meta.endpoint_url)
-        self._scheme, self._host = url.scheme, url.netloc
-        self._region = client.meta.region_name or "us-east-1"
-        self._path_style = style == "path"
         self._slow_buckets: set[str] = set()
         self._timeouts = {"GET": urllib3.Timeout(connect=timeouts.connect, read=timeouts.data),
                           "HEAD": urllib3.Timeout(connect=timeouts.connect, read=timeouts.meta)}
-        self.enabled = not (getproxies() and not proxy_bypass(url.hostname or ""))
-        self._pool = urllib3.PoolManager(
-            num_pools=4, maxsize=pool_size, retries=False, block=False,
-            timeout=self._timeouts["HEAD"],
-            ca_certs=botocore.httpsession.get_cert_path(True))
+        self.enabled = True
+        if verify is False:
+            tls: dict = {"cert_reqs": "CERT_NONE"}
+        else:
+            tls = {"cert_reqs": "CERT_REQUIRED",
+                   "ca_certs": botocore.httpsession.get_cert_path(verify or True)}
+        self._pool_kw = dict(num_pools=16, maxsize=pool_size, retries=False, block=False,
+                             timeout=self._timeouts["HEAD"], **tls)
+        self._pool = urllib3.PoolManager(**self._pool_kw)
+        self._via: dict[str, urllib3.PoolManager] = {}  # origin -> its pool manager
+        self._proxies: dict[str, urllib3.PoolManager] = {}  # proxy URL -> its ProxyManager
+        self._lock = threading.Lock()
 
-    def _url(self, bucket: str, key: str) -> str | None:
-        if bucket in self._slow_buckets:
-            return None
-        path = urllib.parse.quote(key, safe="/~")
-        virtual = not self._path_style and re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", bucket)
-        if virtual:
-            return f"{self._scheme}://{bucket}.{self._host}/{path}"
-        return f"{self._scheme}://{self._host}/{bucket}/{path}"
+    def _manager(self, origin: str) -> urllib3.PoolManager:
+        """The pool manager for requests to ``origin``: through the proxy the environment
+        names for it, as botocore decides (NO_PROXY bypasses), or straight."""
+        with self._lock:
+            manager = self._via.get(origin)
+            if manager is not None:
+                return manager
+            proxies = botocore.httpsession.ProxyConfiguration(get_environ_proxies(origin))
+            proxy = proxies.proxy_url_for(origin)
+            if proxy is None:
+                manager = self._pool
+            else:
+                manager = self._proxies.get(proxy)
+                if manager is None:
+                    manager = self._proxies[proxy] = urllib3.proxy_from_url(
+                        proxy, proxy_headers=proxies.proxy_headers_for(proxy), **self._pool_kw)
+                log.debug("direct requests to %s go through the proxy %s", origin,
+                          botocore.httpsession.mask_proxy_url(proxy))
+            self._via[origin] = manager
+            return manager
 
     def request(self, method: str, bucket: str, key: str, headers: dict[str, str]):
         """The urllib3 response (body not read), or None when botocore must do this call."""
-        url = self._url(bucket, key) if self.enabled else None
-        if not url:
+        if not self.enabled or bucket in self._slow_buckets:
             return None
-        token = None
-        if self._unsigned:
-            send = {**headers, **self._extra}
-        else:
-            if self._creds is None:
-                return None
-            frozen = self._creds.get_frozen_credentials()  # refreshed first when near expiry
-            token = frozen.token
-            req = AWSRequest(method=method, url=url, headers={**headers, **self._extra})
-            S3SigV4Auth(frozen, "s3", self._region).add_auth(req)
-            send = dict(req.headers.items())
-        r = self._pool.request(method, url, headers=send,
-                               preload_content=False, decode_content=False, redirect=False,
-                               timeout=self._timeouts[method])
-        if r.status == 400 and token and not r.headers.get("x-amz-bucket-region"):
-            _raise_if_token_refused(r, method)  # not a reason to leave the direct path
-        if r.status in (301, 302, 307, 400):  # another region, or something botocore handles
-            r.drain_conn()
-            r.release_conn()
-            self._slow_buckets.add(bucket)
-            log.debug("s3://%s: answered %d to a direct request; using botocore", bucket, r.status)
+        if not self._unsigned and self._creds is None:
+            return None
+        route = self._routes.known.get(bucket) or self._find_route(bucket)
+        path = urllib.parse.quote(key, safe="/~")
+        for attempt in (0, 1):
+            url = route.base + path
+            token = None
+            if self._unsigned:
+                send = {**headers, **self._extra}
+            else:
+                assert self._creds is not None
+                frozen = self._creds.get_frozen_credentials()  # refreshed first when near expiry
+                token = frozen.token
+                req = AWSRequest(method=method, url=url, headers={**headers, **self._extra})
+                S3SigV4Auth(frozen, "s3", route.region).add_auth(req)
+                send = dict(req.headers.items())
+            manager = self._via.get(route.origin) or self._manager(route.origin)
+            r = manager.request(method, url, headers=send,
+                                preload_content=False, decode_content=False, redirect=False,
+                                timeout=self._timeouts[method])
+            if r.status not in (301, 302, 307, 400):
+                return r
+            body = None
+            if r.status == 400 and token and not r.headers.get("x-amz-bucket-region"):
+                body = _raise_if_token_refused(r, method)  # not a reason to leave the direct path
+            region = _answered_region(r, method, body)
+            if attempt == 0 and region is not None and region != route.region:
+                route = self._routes.learn(bucket, region, f"S3 answered {r.status} to a {method}")
+                continue
+            if r.status != 400:  # a 400 naming no region is an error botocore will tell
+                self._slow_buckets.add(bucket)
+                log.debug("s3://%s: answered %d to a direct request; using botocore", bucket,
+                          r.status)
             raise self.Fallback()
-        return r
+        raise AssertionError("unreachable")
 
 
-def _raise_if_token_refused(r, method: str) -> None:
+def _answered_region(r, method: str, body: bytes | None = None) -> str | None:
+    """The region a redirect answer names (header, or the body of a GET's error, unless read
+    already: ``body``); the connection is given back."""
+    try:
+        if body is None:
+            body = r.read(64 * 1024, decode_content=False) if method != "HEAD" else b""
+        r.drain_conn()
+    except Exception as e:  # noqa: BLE001 - the body broke off: the header may still say
+        log.debug("reading a %d answer: %s", r.status, e)
+    finally:
+        r.release_conn()
+    return region_in_answer(r.headers, body or b"")
+
+
+def _raise_if_token_refused(r, method: str) -> bytes:
     """A 400 that refuses the session token (a HEAD's has no body: maybe) as botocore's error;
-    otherwise nothing, the body read and ``r`` left for the caller to release."""
-    code = None
+    otherwise the body read is returned, and ``r`` left for the caller to release."""
+    code, body = None, b""
     if method != "HEAD":
         try:
-            m = re.search(rb"<Code>([^<]+)</Code>", r.read(64 * 1024, decode_content=False))
+            body = r.read(64 * 1024, decode_content=False)
+            m = re.search(rb"<Code>([^<]+)</Code>", body)
             code = m.group(1).decode() if m else None
         except Exception as e:  # noqa: BLE001 - the body broke off: no code, then
             log.debug("reading the body of a 400 answer: %s", e)
@@ -112,6 +163,7 @@ def _raise_if_token_refused(r, method: str) -> None:
         r.release_conn()
         raise bexc.ClientError({"Error": {"Code": code or "400", "Message": ""},
                                 "ResponseMetadata": {"HTTPStatusCode": 400}}, method)
+    return body
 
 
 class _DirectBody:

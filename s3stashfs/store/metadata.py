@@ -5,7 +5,8 @@ import logging
 
 import trio
 
-from ..errors import Changed, CredentialsFailed, Denied, MountError, NotFound, S3StashError, Unreachable
+from ..errors import (Changed, CredentialsFailed, Denied, MountError, NotFound, S3StashError, Unreachable,
+                      Untrusted)
 from .classify import _conditional, _conditions
 from .client import Client
 from .types import ListPage, ObjectInfo, _ns, parse_meta_mtime, strip_etag
@@ -194,6 +195,9 @@ class MetadataCalls(Client):
                 self.credentials.call(lambda: self._call("ListBuckets", "list_buckets"))
         except CredentialsFailed as e:
             raise MountError(e.problem) from None
+        except Untrusted as e:
+            raise MountError(f"cannot reach S3: the server's TLS certificate is not trusted "
+                             f"({e.reason}); give its CA with --ca-bundle or AWS_CA_BUNDLE") from None
         except Denied as e:
             advice = self.denied_advice(e)
             if self.unsigned:
