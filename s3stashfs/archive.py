@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .progress import each_reporting
 from .errors import Archived, NotFound, S3StashError
 from .inodes import InodeTable, Kind, Node
 from .store.archive import (
@@ -186,18 +187,7 @@ class Archives:
                                      "bytes": done["bytes"], "bytes_total": total,
                                      "elapsed": time.monotonic() - t0}})
 
-        async def progress() -> None:
-            while True:
-                await report()
-                await trio.sleep(0.25)
-
-        async with trio.open_nursery() as outer:
-            outer.start_soon(progress)
-            async with trio.open_nursery() as nursery:
-                for bucket, key, info in targets:
-                    nursery.start_soon(one, bucket, key, info)
-            outer.cancel_scope.cancel()
-        await report()
+        await each_reporting(targets, one, report, 0.25)
         order = {(b, k): i for i, (b, k, _) in enumerate(targets)}
         results.sort(key=lambda r: order[(r["bucket"], r["key"])])
         counts: dict[str, int] = {}

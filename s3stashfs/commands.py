@@ -281,24 +281,30 @@ async def _verify_locally(settings, cache) -> dict:
     return await verify_cache(cache, verifier, why)
 
 
-def cmd_pin(settings, args, pin: bool) -> int:
-    groups: dict[str, list[str]] = {}
-    for path in args.paths:
-        mp, parts = mount_containing(path)
-        groups.setdefault(mp, []).append("/".join(parts))
-    bar = ProgressBar(sys.stderr) if pin and _want_progress(args) else None
+def _ask_mounts(groups: dict, request, bar) -> list[dict]:
+    """``request(paths)`` sent to each mount's control socket for its paths (the progress bar
+    fed by its answers); the answers, each with its mountpoint."""
     results = []
     for mp, paths in groups.items():
-        cache_dir = cache_dir_of(mp)
         try:
-            r = ask(cache_dir, {"cmd": "pin" if pin else "unpin", "paths": paths},
-                    bar.update if bar else None)
+            r = ask(cache_dir_of(mp), request(paths), bar.update if bar else None)
         finally:
             if bar:
                 bar.done()
         if r is None:
             raise CommandError(f"{mp}: the mount does not answer on its control socket")
         results.append({"mountpoint": mp, **r})
+    return results
+
+
+def cmd_pin(settings, args, pin: bool) -> int:
+    groups: dict[str, list[str]] = {}
+    for path in args.paths:
+        mp, parts = mount_containing(path)
+        groups.setdefault(mp, []).append("/".join(parts))
+    bar = ProgressBar(sys.stderr) if pin and _want_progress(args) else None
+    results = _ask_mounts(groups, lambda paths: {"cmd": "pin" if pin else "unpin", "paths": paths},
+                          bar)
     failed = [f for r in results for f in r.get("failed", [])]
     if args.json:
         print(json.dumps(results if len(results) != 1 else results[0], indent=2))
@@ -352,17 +358,8 @@ def cmd_restore(settings, args) -> int:
         if rest not in groups.setdefault(mp, []):
             groups[mp].append(rest)
     bar = ProgressBar(sys.stderr) if _want_progress(args) else None
-    results = []
-    for mp, paths in groups.items():
-        try:
-            r = ask(cache_dir_of(mp), {"cmd": "restore", "paths": paths, "days": args.days,
-                                       "tier": args.tier}, bar.update if bar else None)
-        finally:
-            if bar:
-                bar.done()
-        if r is None:
-            raise CommandError(f"{mp}: the mount does not answer on its control socket")
-        results.append({"mountpoint": mp, **r})
+    results = _ask_mounts(groups, lambda paths: {"cmd": "restore", "paths": paths,
+                                                 "days": args.days, "tier": args.tier}, bar)
     objects = [o for r in results for o in r["objects"]]
     states = [o["state"] for o in objects]
     code = (EXIT_FAIL if "failed" in states else

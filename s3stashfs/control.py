@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .progress import each_reporting
 from .archive import TIERS
 from .errors import S3StashError, Unreachable
 from .inodes import Kind
@@ -237,18 +238,7 @@ class ControlServer:
                 "bytes": state["bytes"] + in_flight(), "bytes_total": total,
                 "elapsed": time.monotonic() - t0}})
 
-        async def progress() -> None:
-            while True:
-                await report()
-                await trio.sleep(PROGRESS_EVERY)
-
-        async with trio.open_nursery() as outer:
-            outer.start_soon(progress)
-            async with trio.open_nursery() as nursery:
-                for bucket, key, info in unique:
-                    nursery.start_soon(one, bucket, key, info)
-            outer.cancel_scope.cancel()
-        await report()  # the bar ends where the work did
+        await each_reporting(unique, one, report, PROGRESS_EVERY)
         log.info("pinned %d file(s), %d bytes (%d fetched), %d failed", state["files"],
                  state["bytes"], state["fetched"], len(failed))
         return {**state, "failed": failed, "files_total": len(unique), "bytes_total": total,
