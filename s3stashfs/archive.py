@@ -61,6 +61,10 @@ class Archives:
         """The version ``open()`` may serve, or Archived (before any GET) when S3 would refuse
         to send its bytes and the cache does not hold them all."""
         where = (node.bucket, node.key)
+        if where not in self._recheck and not may_be_archived(info):
+            # the common case, first and cheap: no catalog query on every open
+            self._logged.pop(where, None)  # readable: a later archiving is logged again
+            return info
         if self._cached_whole(node.bucket, node.key, info.etag):
             return info
         if (not info.from_head and may_be_archived(info)) or where in self._recheck:
