@@ -13,7 +13,8 @@ class S3StashError(Exception):
     """Base of every domain error; ``errno`` is what a file operation reports."""
 
     errno = errno.EIO
-    s3_code = ""  # S3's error code, when S3 answered with one (set by store/classify.py)
+    s3_code = ""  # S3's error code when S3 answered ("AccessDenied"; "403" for a HEAD, which
+    # has no body to say more; set by store/classify.py)
 
 
 class NotFound(S3StashError):
@@ -65,7 +66,6 @@ class Unreachable(S3StashError):
 
 class Denied(S3StashError):
     errno = errno.EACCES
-    code = ""  # S3's error code ("AccessDenied"; "403" for a HEAD, which has no body)
     bucket: str | None = None  # the bucket that refused, when the store knows it
 
 

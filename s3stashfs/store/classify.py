@@ -157,13 +157,10 @@ def _classify(e: BaseException, what: str, answered: bool = False) -> S3StashErr
         for names, cls in ((_NOT_FOUND, NotFound), (_CHANGED, Changed), (_DENIED, Denied),
                            (_RETRY, Throttled)):
             if code in names or status in names:
-                out = _coded(cls(msg), code)
-                if isinstance(out, Denied):
-                    out.code = code or status
-                return out
+                return _coded(cls(msg), code or status)
         if code == "304" or status == "304":
             return Changed(msg)
-        return _coded(StoreError(msg), code)
+        return _coded(StoreError(msg), code or status)
     if is_provider_failure(e):  # before the network errors: its endpoint is not S3
         return failure(e, what)
     if isinstance(e, bexc.FlexibleChecksumError):
@@ -182,7 +179,8 @@ def _classify(e: BaseException, what: str, answered: bool = False) -> S3StashErr
 
 
 def _coded(e: S3StashError, code: str) -> S3StashError:
-    """``e`` with S3's error code, for the callers that tell codes of one status apart."""
+    """``e`` with S3's error code (its HTTP status when the answer had no body: a HEAD's), for
+    the callers that tell codes of one status apart."""
     e.s3_code = code
     return e
 

@@ -159,7 +159,7 @@ class Client(RetryMixin):
         AccessDenied), or, unsigned, a bucket that is not public. None for other refusals
         (bad or expired credentials, a bad signature) and when --requester-pays is on."""
         b = e.bucket
-        if not b or e.code not in ("AccessDenied", "403"):
+        if not b or e.s3_code not in ("AccessDenied", "403"):
             return None
         if self.unsigned:
             return f"{b} may not be public: mount without --no-sign-request to use AWS credentials"
