@@ -276,6 +276,41 @@ def test_failing_credential_source_is_eacces_not_offline(mount, s3, bucket, s3_p
     assert_no_secrets(source, log, failing_status)
 
 
+@pytest.mark.expect_log(r"unreachable|offline|credential provider failed")
+def test_failing_source_with_s3_unreachable_too_is_offline(mount, s3, bucket, s3_proxy, source):
+    """The provider fails and S3 cannot be reached either (a laptop off the network with a
+    login to renew): S3 was never asked, so an unsigned knock says whether it is there; it is
+    not, so the mount goes offline and an uncached file gives ENETUNREACH, not EACCES. Once S3
+    answers again, the provider's failure is what remains: EACCES; then it works."""
+    data = helpers.random_bytes(50_000, seed="off")
+    helpers.put_object(s3, bucket, "cached.bin", data)
+    helpers.put_object(s3, bucket, "later.bin", b"later\n")
+    source.lifetime(1.5)
+    m = mount_with(mount, bucket, s3_proxy, source, "--metadata-ttl", "0")
+    assert (m.path / "cached.bin").read_bytes() == data
+    source.fail()
+    wait_expired(source)
+    s3_proxy.set_mode("refuse")
+    with pytest.raises(OSError) as e:
+        (m.path / "later.bin").read_bytes()
+    assert e.value.errno == errno.ENETUNREACH, e.value
+    assert (m.path / "cached.bin").read_bytes() == data  # served from the cache
+    r = status(m)
+    assert r.returncode == 3 and "OFFLINE" in r.stdout, (r.returncode, r.stdout, r.stderr)
+    s3_proxy.set_mode("pass")
+
+    def refused() -> bool:
+        try:
+            (m.path / "later.bin").read_bytes()
+        except OSError as e:
+            assert e.errno in (errno.ENETUNREACH, errno.EACCES), e
+            return e.errno == errno.EACCES
+        raise AssertionError("read with a failing credential source")
+    helpers.wait_for(refused, timeout=30, interval=0.2, message="EACCES once S3 answers again")
+    source.succeed()
+    assert (m.path / "later.bin").read_bytes() == b"later\n"
+
+
 def test_no_secret_in_debug_log_or_status(mount, s3, bucket, s3_proxy, source):
     """At DEBUG, through refreshes, a refused token and its retry: no secret key or session
     token in the log or in status."""

@@ -133,6 +133,19 @@ class _Direct:
         raise AssertionError("unreachable")
 
 
+    def knock(self, bucket: str | None) -> int:
+        """An unsigned HEAD of the bucket's URL (or of the endpoint's root): its status, whatever
+        it is (403 to an unsigned request is S3 answering). For the probe when no credentials
+        can be had: is S3 there at all? A network failure is raised, as for any request."""
+        route = (self._routes.known.get(bucket) or self._routes.default(bucket)) if bucket \
+            else self._routes.default("probe")
+        url = route.base if bucket else route.origin + "/"
+        manager = self._via.get(route.origin) or self._manager(route.origin)
+        r = manager.request("HEAD", url, headers=self._extra, preload_content=False,
+                            redirect=False, timeout=self._timeouts["HEAD"])
+        r.release_conn()
+        return r.status
+
 def _answered_region(r, method: str, body: bytes | None = None) -> str | None:
     """The region a redirect answer names (header, or the body of a GET's error, unless read
     already: ``body``); the connection is given back."""

@@ -7,7 +7,7 @@ import trio
 
 from ..errors import (Changed, CredentialsFailed, Denied, MountError, NotFound, S3StashError, Unreachable,
                       Untrusted)
-from .classify import _conditional, _conditions
+from .classify import _classify, _conditional, _conditions
 from .client import Client
 from .types import ListPage, ObjectInfo, _ns, parse_meta_mtime, strip_etag
 
@@ -53,13 +53,19 @@ class MetadataCalls(Client):
         """Does S3 answer? (One request, no retries: the connectivity probe; its thread is
         abandoned if the caller stops waiting.)"""
         def call():
-            if bucket:
-                try:
+            try:
+                if bucket:
                     self._call("probe", "head_bucket", Bucket=bucket)
-                except (NotFound, Denied):
-                    pass  # it answered
-            else:
-                self._call("probe", "list_buckets")
+                else:
+                    self._call("probe", "list_buckets")
+            except CredentialsFailed as e:
+                if not e.rejected:  # S3 was never asked (the provider failed): is it there?
+                    try:
+                        self._direct.knock(bucket)
+                    except Exception as e2:  # noqa: BLE001 - classified, never swallowed
+                        raise _classify(e2, "probe") from e2
+            except (NotFound, Denied):
+                pass  # it answered
         try:
             await self._run("probe", limiter or self._meta, call, attempts=1, probe=True)
             return True

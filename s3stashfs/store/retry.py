@@ -35,12 +35,20 @@ class RetryMixin:
                    abandon: bool = False):
         """``_tries``, each try through ``Credentials.call`` (a token S3 refused: one forced
         refresh, one more go); the credentials' problem, or its end, is recorded for ``status``.
-        The probe records nothing: it takes any answer, a credential failure too, for one."""
+        When the provider failed, S3 was never asked: the probe (an unsigned knock, then) says
+        whether it can be reached, and if it cannot the mount goes offline and this request
+        fails as unreachable, not as denied (a laptop off the network with an SSO login to
+        renew is offline first). The probe itself records nothing."""
         try:
             r = await self._tries(what, limiter, self.credentials.call, fn, *args,
                                   attempts=attempts, probe=probe, abandon=abandon)
         except CredentialsFailed as e:
             if not probe:
+                if not e.rejected and not await self.probe(self.probe_bucket, self._probes):
+                    if self.connectivity.online:
+                        self.connectivity.unreachable(f"{what}: S3 cannot be reached either "
+                                                      "(the credential provider failed)")
+                    raise self._offline(what) from e
                 self.credentials.failed(e)
             raise
         if not probe:
