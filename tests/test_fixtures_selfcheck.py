@@ -565,6 +565,17 @@ def test_unexpected_log_warning_fails_the_test(tmp_path):
     assert "unexpected in the log" in out and "fake warning" in out, out
 
 
+def read_until_stall(body) -> bytes:
+    """Read a response body until it stalls past the client's read timeout; what came first."""
+    got = b""
+    with pytest.raises(botocore.exceptions.ReadTimeoutError):
+        while True:
+            chunk = body.read(10_000)
+            assert chunk, "the body ended instead of stalling"
+            got += chunk
+    return got
+
+
 def test_s3_proxy_modes(s3_proxy, s3, bucket):
     """The proxy forwards, resets, black-holes, refuses, answers 503 SlowDown, stalls an
     answer mid-body, and forwards again."""
@@ -605,12 +616,7 @@ def test_s3_proxy_modes(s3_proxy, s3, bucket):
     s3.put_object(Bucket=bucket, Key="big.bin", Body=big)
     s3_proxy.blackhole_after(100_000)  # the answer's headers count too
     body = via.get_object(Bucket=bucket, Key="big.bin")["Body"]
-    got = b""
-    with pytest.raises(botocore.exceptions.ReadTimeoutError):
-        while True:
-            chunk = body.read(10_000)
-            assert chunk, "the body ended instead of stalling"
-            got += chunk
+    got = read_until_stall(body)
     assert 0 < len(got) <= 100_000 and got == big[:len(got)]
     assert s3_proxy.mode == "blackhole"
     s3_proxy.set_mode("pass")
@@ -678,12 +684,7 @@ def test_s3_proxy_faults(s3_proxy, s3, bucket, moto_server):
     s3_proxy.clear()
     f = s3_proxy.inject(Fault("hold", at=0.5, count=1))
     body = get(quick)
-    got = b""
-    with pytest.raises(botocore.exceptions.ReadTimeoutError):
-        while True:
-            chunk = body.read(10_000)
-            assert chunk, "the body ended instead of stalling"
-            got += chunk
+    got = read_until_stall(body)
     assert 0 < len(got) <= len(big) // 2 and got == big[:len(got)] and f.injected == 1
     s3_proxy.clear()
     # drop: S3 does it, the answer is lost
