@@ -125,20 +125,22 @@ class Fetcher:
         end = min(off + size, obj.size)
         b0, b1 = off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1
         sequential = state.note(off, end)
+        fetched = not obj.present.covers(b0, b1)
         try:
             if self.wants_whole(obj):
-                if not obj.present.covers(b0, b1):
+                if fetched:
                     await self._wait(obj, b0, b1, self._ensure(obj, 0, obj.nblocks, whole=True))
             else:
                 fetches = self._schedule(obj, state, sequential, b0, b1)
-                if not obj.present.covers(b0, b1):
+                if fetched:
                     await self._wait(obj, b0, b1, fetches)
         except Unreachable:
             self._raise_if_damaged(obj, b0, b1)
             raise
-        if sequential and end + DISK_AHEAD // 2 > state.disk_upto:
+        if sequential and not fetched and end + DISK_AHEAD // 2 > state.disk_upto:
             # A sequential reader of cached bytes: have the kernel read the cache file ahead,
-            # so that our pread finds them in memory instead of waiting for the disk.
+            # so that our pread finds them in memory instead of waiting for the disk. (Bytes
+            # just fetched are in memory already: the advice would cost a system call each.)
             start = max(end, state.disk_upto)
             state.disk_upto = start + DISK_AHEAD
             self.cache.advise_willneed(obj, start, DISK_AHEAD)
@@ -310,12 +312,12 @@ class Fetcher:
             nblocks = obj.nblocks
             summed = [start]
 
-            def progress(pos: int) -> None:  # in the worker thread: sum, hand over, do not wait
-                crashpoints.hit("fetch.piece_written")
+            def progress(pos: int, piece: bytes) -> None:  # in the worker thread: sum, hand
+                crashpoints.hit("fetch.piece_written")  # over, do not wait
                 check_reserve(fd)
                 upto = min(nblocks if pos >= size else pos // BLOCK_SIZE, f.end)
                 if upto > summed[0]:
-                    write_sums(fd, sums_fd, size, summed[0], upto)
+                    write_sums(fd, sums_fd, size, summed[0], upto, piece, pos - len(piece))
                     summed[0] = upto
                 crashpoints.hit("fetch.piece_summed")
                 token.run_sync_soon(self._arrived, obj, f, marked, pos)

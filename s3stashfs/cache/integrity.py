@@ -331,7 +331,7 @@ def _unpack(sums: bytes, n: int) -> tuple[int, ...]:
     return struct.unpack(f"<{n}I", sums[:4 * n].ljust(4 * n, b"\0"))
 
 
-def block_sums(data: bytes) -> bytes:
+def block_sums(data: bytes | memoryview) -> bytes:
     """The stored sums of the blocks in ``data`` (whole blocks; the last may be short)."""
     view = memoryview(data)
     return struct.pack(f"<{(len(view) + BLOCK_SIZE - 1) // BLOCK_SIZE}I",
@@ -429,9 +429,25 @@ def _read_all(path: str) -> bytes:
         return b""
 
 
-def write_sums(fd: int, sums_fd: int, size: int, first: int, end: int) -> None:
+def write_sums(fd: int, sums_fd: int, size: int, first: int, end: int,
+               written: bytes | memoryview = b"", written_at: int = 0) -> None:
     """In the worker thread that wrote blocks [first, end) of a data file (or holds a local
-    file's lock): store their CRC32Cs in the sidecar, before the blocks are reported present."""
+    file's lock): store their CRC32Cs in the sidecar, before the blocks are reported present.
+
+    ``written`` is what that thread just wrote at ``written_at``: the blocks it holds whole are
+    summed from it (the bytes that went into the file), not read back; the others are read."""
+    if written:
+        lo = -(-written_at // BLOCK_SIZE)  # first block starting inside ``written``
+        hi = min(end, (written_at + len(written)) // BLOCK_SIZE)
+        if written_at + len(written) >= size:  # the object's last block may be short
+            hi = min(end, (size + BLOCK_SIZE - 1) // BLOCK_SIZE)
+        lo = max(lo, first)
+        if lo < hi:
+            write_sums(fd, sums_fd, size, first, lo)
+            view = memoryview(written)[lo * BLOCK_SIZE - written_at:]
+            os.pwrite(sums_fd, block_sums(view[:min(hi * BLOCK_SIZE, size) - lo * BLOCK_SIZE]),
+                      4 * lo)
+            first = hi
     while first < end:
         n = min(end - first, CHUNK_BLOCKS)
         data = os.pread(fd, n * BLOCK_SIZE, first * BLOCK_SIZE)

@@ -33,10 +33,11 @@ class Store(MetadataCalls):
     GETs into cache files, uploads (single and multipart), copies, parts and sums."""
 
     async def fetch_range(self, bucket: str, key: str, etag: str, start: int, end: int, fd: int,
-                          progress: Callable[[int], None]) -> None:
+                          progress: Callable[[int, bytes], None]) -> None:
         """GET bytes [start, end) of the version ``etag`` into ``fd`` at the same offsets.
 
-        ``progress(offset)`` is called from the worker thread after each piece is written.
+        ``progress(offset, piece)`` is called from the worker thread after each piece is
+        written, with the piece (its bytes end at ``offset``).
         If-Match pins the version: a changed object raises Changed, never mixes bytes. A try
         that broke off is picked up where it got to: what was written and reported stays."""
         what = f"GET s3://{bucket}/{key} bytes={start}-{end - 1}"
@@ -220,7 +221,7 @@ class Store(MetadataCalls):
                 for d in more_digests:
                     d.update(chunk)
                 if progress is not None:
-                    progress(pos)
+                    progress(pos, chunk)
         except S3StashError:
             raise
         except Exception as e:  # noqa: BLE001 - classified, or the cache's own disk error
