@@ -640,16 +640,16 @@ class Load:
             return
         t = time.monotonic()
         n_reads = 30_000 if self.args.quick else 300_000
-        self.bam = biodata.make_bam(os.path.join(self.b.workdir, "local", "bam"), n_reads=n_reads)
-        self.bam_size = self.bam.bam.stat().st_size
-        self.bam_keys = [BAM_PREFIX + p.name for p in self.bam.paths]
-        for p, k in zip(self.bam.paths, self.bam_keys):
+        self.bamfiles = biodata.make_bam(os.path.join(self.b.workdir, "local", "bam"), n_reads=n_reads)
+        self.bam_size = self.bamfiles.bam.stat().st_size
+        self.bam_keys = [BAM_PREFIX + p.name for p in self.bamfiles.paths]
+        for p, k in zip(self.bamfiles.paths, self.bam_keys):
             self.s3_up.upload_file(str(p), self.bucket, k)
-        genome = sum(self.bam.refs.values())
+        genome = sum(self.bamfiles.refs.values())
         self.regions, self.ranges = [], []
         for i in range(BAM_QUERIES):
             g = int((i + 0.5) * genome / BAM_QUERIES)
-            for name, length in self.bam.refs.items():
+            for name, length in self.bamfiles.refs.items():
                 chrom = name
                 if g < length:
                     break
@@ -659,7 +659,7 @@ class Load:
             off = int((i + 0.5) * self.bam_size / BAM_QUERIES)
             size = min(self.bam_size - off, self.bam_size * BAM_REGION // genome + 65536)
             self.ranges.append((off, size))
-        self.bam_counts = [biodata.samtools_count(self.bam.bam, reg) for reg in self.regions]
+        self.bam_counts = [biodata.samtools_count(self.bamfiles.bam, reg) for reg in self.regions]
         self.log(f"load: BAM of {self.bam_size / MiB:.1f} MiB ({n_reads} reads) with .bai uploaded, "
                  f"{BAM_QUERIES} regions of {BAM_REGION} bases ({min(self.bam_counts)}-{max(self.bam_counts)} "
                  f"reads each; raw GETs of {self.ranges[0][1] / 1024:.0f} KiB) in {time.monotonic() - t:.1f} s")
@@ -702,7 +702,7 @@ class Load:
             path = os.path.join(m.mountpoint, bam_key)
             lat = {"cold": self.bam_queries(path), "warm": self.bam_queries(path)}
             with self.watchdog("checking the BAM"):
-                same = read_all(path, crc=True) == read_all(str(self.bam.bam), crc=True)
+                same = read_all(path, crc=True) == read_all(str(self.bamfiles.bam), crc=True)
         if not same:
             rows["warm", "p50"].failed = "wrong data"
             raise self.error("the BAM read through the mount differs from the local copy")
