@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import re
 import select
 import socket
 import subprocess
@@ -78,13 +79,13 @@ def add_arguments(ap) -> None:
     ap.add_argument("--load-seq-mib", type=int, help="load: size of the 8 concurrent readers' objects "
                                                       "(default 128; --quick: 16)")
     ap.add_argument("--load-rss-mib", type=int, help="load: size of the objects of the 16/100 readers "
-                                                      "(default 32; --quick: 4)")
+                                                      "(default 16; --quick: 4)")
 
 
 def resolve_args(args, error: Callable[[str], None]) -> None:
     args.load_objects = args.load_objects or (200 if args.quick else 2000)
     args.load_seq_mib = args.load_seq_mib or (16 if args.quick else 128)
-    args.load_rss_mib = args.load_rss_mib or (4 if args.quick else 32)
+    args.load_rss_mib = args.load_rss_mib or (4 if args.quick else 16)
     if args.latency < 0 or min(args.load_objects, args.load_seq_mib, args.load_rss_mib) < 1:
         error("--latency must be >= 0; --load-objects, --load-seq-mib, --load-rss-mib positive")
 
@@ -94,25 +95,38 @@ def latencies(args) -> list[int]:
 
 
 def define_rows(bench) -> None:
+    """The rows, each workload's @0ms and @MSms rows next to each other."""
     args = bench.args
-    for ms in latencies(args):
-        at = f" @{ms}ms"
-        for p in PROCS:
-            bench.row(f"load_small_{p}_{ms}", workload=f"{p} processes, {args.load_objects} x 4 KiB objects, cold{at}",
-                      unit="s", better="lower", target=1.2)
+    lat = latencies(args)
+    for p in PROCS:
+        for ms in lat:
+            bench.row(f"load_small_{p}_{ms}", workload=f"{plural(p, 'process')}, {args.load_objects} x 4 KiB "
+                      f"objects, cold @{ms}ms", unit="s", better="lower", target=1.2)
+    for ms in lat:
         bench.row(f"load_seq_{ms}", workload=f"{SEQ_READERS} concurrent cold sequential reads, "
-                  f"{SEQ_READERS} x {args.load_seq_mib} MiB{at}", unit="MB/s", better="higher", target=0.8)
-        for when in ("cold", "warm"):
-            for q in ("p50", "p99"):
+                  f"{SEQ_READERS} x {args.load_seq_mib} MiB @{ms}ms", unit="MB/s", better="higher", target=0.8)
+    for when in ("cold", "warm"):
+        for q in ("p50", "p99"):
+            for ms in lat:
                 bench.row(f"load_bam_{when}_{q}_{ms}", workload=f"{BAM_QUERIES} samtools view -c regions, "
-                          f"{when}, {q}{at}", unit="s", better="lower", target=None)
-        for when in ("cold", "warm"):
-            bench.row(f"load_cpu_{when}_{ms}", workload=f"daemon CPU s per GiB, {when} sequential read{at}",
+                          f"{when}, {q} @{ms}ms", unit="s", better="lower", target=None)
+    for when in ("cold", "warm"):
+        for ms in lat:
+            bench.row(f"load_cpu_{when}_{ms}", workload=f"daemon CPU s per GiB, {when} sequential read @{ms}ms",
                       unit="s", better="lower", target=None)
-        for n in RSS_READERS:
-            bench.row(f"load_rss{n}_{ms}", workload=f"daemon peak RSS, {n} readers of {args.load_rss_mib} MiB{at}",
-                      unit="MiB", better="lower", absolute=True,
+    for n in RSS_READERS:
+        for ms in lat:
+            bench.row(f"load_rss{n}_{ms}", workload=f"daemon peak RSS, {n} readers of {args.load_rss_mib} MiB "
+                      f"@{ms}ms", unit="MiB", better="lower", absolute=True,
                       target=RSS_TARGET_MIB if n == max(RSS_READERS) else None)
+
+
+def plural(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "es" if what.endswith("s") else "s")
+
+
+def fmt_requests(counts: dict[str, int] | None) -> str:
+    return ", ".join(f"{n} {k}" for k, n in (counts or {}).items()) or "none"
 
 
 # =========================================================================== helpers
@@ -238,6 +252,16 @@ class DelayProxy:
             raise RuntimeError(f"delay proxy did not start (said {line!r})") from None
         self.url = f"http://127.0.0.1:{self.port}"
 
+    def counts(self) -> dict[str, int]:
+        """Requests that went through so far, by kind (GET, HEAD, LIST, ...)."""
+        self.proc.stdin.write(b"count\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def requests_since(self, before: dict[str, int]) -> dict[str, int]:
+        now = self.counts()
+        return {k: n - before.get(k, 0) for k, n in sorted(now.items()) if n - before.get(k, 0)}
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
@@ -256,17 +280,39 @@ def _serve_delay_proxy(host: str, port: int, delay_ms: int) -> None:
     lsock.listen(512)
     print(lsock.getsockname()[1], flush=True)
 
-    def parent_gone():  # stdin closes when the bench closes it or dies
-        sys.stdin.buffer.read()
+    counts: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def commands():  # "count": the requests so far, as JSON; stdin closes when the bench ends or dies
+        for cmd in sys.stdin:
+            if cmd.strip() == "count":
+                with lock:
+                    print(json.dumps(counts), flush=True)
         os._exit(0)
 
-    threading.Thread(target=parent_gone, daemon=True).start()
+    threading.Thread(target=commands, daemon=True).start()
     while True:
         c, _ = lsock.accept()
-        threading.Thread(target=_proxy_connection, args=(c, (host, port), delay), daemon=True).start()
+        threading.Thread(target=_proxy_connection, args=(c, (host, port), delay, counts, lock),
+                         daemon=True).start()
 
 
-def _proxy_connection(c: socket.socket, upstream: tuple[str, int], delay: float) -> None:
+REQUEST_LINE = re.compile(rb"^(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r?$", re.M)
+
+
+def _count_requests(data: bytes, counts: dict[str, int], lock: threading.Lock) -> None:
+    """Requests by kind, from the request lines in what a client sent (a line split between
+    two chunks is missed: the counts are a diagnostic). GET with list-type= is LIST."""
+    for m in REQUEST_LINE.finditer(data):
+        kind = m.group(1).decode()
+        if kind == "GET" and b"list-type=" in m.group(2):
+            kind = "LIST"
+        with lock:
+            counts[kind] = counts.get(kind, 0) + 1
+
+
+def _proxy_connection(c: socket.socket, upstream: tuple[str, int], delay: float, counts: dict[str, int],
+                      lock: threading.Lock) -> None:
     try:
         u = socket.create_connection(upstream, timeout=10)
         u.settimeout(None)
@@ -295,6 +341,7 @@ def _proxy_connection(c: socket.socket, upstream: tuple[str, int], delay: float)
         failed = False
         try:
             while data := c.recv(262144):
+                _count_requests(data, counts, lock)
                 with cv:
                     line.append((time.monotonic() + delay, data))
                     cv.notify()
@@ -441,6 +488,13 @@ class Load:
         with self.b.mounter.mount(self.endpoint(ms), f"{label}-{ms}ms") as m:
             yield m
 
+    def snapshot(self, ms: int) -> dict[str, int] | None:
+        """The proxy's request counts (at 0 ms nothing goes through it: None)."""
+        return self.proxy.counts() if ms and self.proxy else None
+
+    def since(self, before: dict[str, int] | None) -> dict[str, int] | None:
+        return None if before is None or not self.proxy else self.proxy.requests_since(before)
+
     def watchdog(self, what: str):
         return self.b.mounter.watchdog(self.args.step_timeout, what)
 
@@ -496,28 +550,37 @@ class Load:
         for p in PROCS:
             r = self.b.rows[f"load_small_{p}_{ms}"]
             shares = [keys[i * len(keys) // p:(i + 1) * len(keys) // p] for i in range(p)]
-            r.limit_what = f"{p} threads of boto3 GetObject, one client each"
+            r.limit_what = f"{plural(p, 'thread')} of boto3 GetObject, one client each"
 
             def get_share(i, shares=shares):
                 for k in shares[i]:
                     if len(cs[i].get_object(Bucket=self.bucket, Key=k)["Body"].read()) != SMALL_SIZE:
                         raise self.error(f"GetObject {k}: short body")
 
+            before = self.snapshot(ms)
             base, _ = at_once(p, get_share)
             r.limit = base
-            msg = f"[load small @{ms}ms] {p} threads x GetObject: {base:.2f} s"
+            msg = f"[load small @{ms}ms] {plural(p, 'thread')} x GetObject: {base:.2f} s"
+            if before is not None:
+                msg += f" ({fmt_requests(self.since(before))})"
             if self.b.ours:
                 with self.mount(ms, f"small{p}") as m:
                     mshares = [[os.path.join(m.mountpoint, k) for k in s] for s in shares]
+                    before = self.snapshot(ms)
                     with self.watchdog(f"{p} processes reading small objects"):
                         wall, reports = run_readers(mshares, timeout=self.args.step_timeout)
+                    reqs = self.since(before)
                 for share, rep in zip(shares, reports):
                     for k, got in zip(share, rep["files"]):
                         if got != want[k]:
                             r.failed = "wrong data" if got[0] != "errno" else f"errno {got[1]}"
                             raise self.error(f"{p} processes: {k} read as {got}, expected {want[k]}")
                 r.ours = wall
-                msg += f"; {p} processes through the mount: {wall:.2f} s ({r.ours / base:.2f}x), data checked"
+                r.extra.update(requests=reqs)
+                if reqs is not None:
+                    r.ours_note = fmt_requests(reqs)
+                msg += (f"; {plural(p, 'process')} through the mount: {wall:.2f} s ({r.ours / base:.2f}x)"
+                        + (f" ({fmt_requests(reqs)})" if reqs is not None else "") + ", data checked")
             self.log(msg)
 
     # ------------------------------------------------------------------ sequential readers
@@ -557,16 +620,21 @@ class Load:
                 os.sync()
                 cpu0 = proc_cpu_seconds(m.pid) or 0.0
                 paths = [os.path.join(m.mountpoint, k) for k in objs.keys]
+                before = self.snapshot(ms)
                 with self.watchdog("concurrent sequential reads"), RssSampler(m.pid) as rs:
                     wall, sizes = at_once(SEQ_READERS, lambda i: read_all(paths[i])[0])
                 cpu = (proc_cpu_seconds(m.pid) or 0.0) - cpu0
+                reqs = self.since(before)
                 if sizes != [objs.size] * SEQ_READERS:
                     raise self.error(f"concurrent sequential reads gave {sizes} bytes")
                 self.seq_check(m, objs, SEQ_READERS, r)
             r.ours = total / 1e6 / wall
             r.ours_note = f"daemon CPU {cpu / (total / 2**30):.1f} s/GiB, peak RSS {rs.peak / MiB:.0f} MiB"
-            r.extra.update(seconds=wall, base_seconds=base, daemon_cpu_seconds=cpu, peak_rss_bytes=rs.peak)
+            r.extra.update(seconds=wall, base_seconds=base, daemon_cpu_seconds=cpu, peak_rss_bytes=rs.peak,
+                           requests=reqs)
             msg += f"; through the mount: {wall:.2f} s = {r.ours:.0f} MB/s ({r.ours / r.limit:.2f}x), {r.ours_note}"
+            if reqs is not None:
+                msg += f" ({fmt_requests(reqs)})"
         self.log(msg)
 
     def cpu(self, ms: int) -> None:
@@ -700,7 +768,11 @@ class Load:
         raw = at_once(BAM_QUERIES, get)[1]
         with self.mount(ms, "bam") as m:
             path = os.path.join(m.mountpoint, bam_key)
-            lat = {"cold": self.bam_queries(path), "warm": self.bam_queries(path)}
+            lat, reqs = {}, {}
+            for when in ("cold", "warm"):
+                before = self.snapshot(ms)
+                lat[when] = self.bam_queries(path)
+                reqs[when] = self.since(before)
             with self.watchdog("checking the BAM"):
                 same = read_all(path, crc=True) == read_all(str(self.bamfiles.bam), crc=True)
         if not same:
@@ -710,10 +782,14 @@ class Load:
             pq = 50 if q == "p50" else 99
             row.ours, row.limit = percentile(lat[w], pq), percentile(raw, pq)
             row.limit_what = f"{BAM_QUERIES} concurrent raw ranged GETs of {self.ranges[0][1] / 1024:.0f} KiB, {q}"
-            row.extra.update(seconds=lat[w], base_seconds=raw)
+            row.extra.update(seconds=lat[w], base_seconds=raw, requests=reqs[w])
+            if reqs[w] is not None and q == "p50":
+                row.ours_note = fmt_requests(reqs[w])
         self.log(f"[load bam @{ms}ms] samtools p50/p99 cold {rows['cold', 'p50'].ours:.3f}/"
                  f"{rows['cold', 'p99'].ours:.3f} s, warm {rows['warm', 'p50'].ours:.3f}/{rows['warm', 'p99'].ours:.3f}"
-                 f" s; raw GETs {percentile(raw, 50):.3f}/{percentile(raw, 99):.3f} s; counts and bytes checked")
+                 f" s; raw GETs {percentile(raw, 50):.3f}/{percentile(raw, 99):.3f} s; counts and bytes checked"
+                 + (f"; requests cold: {fmt_requests(reqs['cold'])}, warm: {fmt_requests(reqs['warm'])}"
+                    if ms else ""))
 
 
 # =========================================================================== child processes
