@@ -16,8 +16,10 @@ once, each run directly and again through a loopback proxy that makes every requ
 The proxy (``DelayProxy``) runs in a child process (``python _bench_load.py delay-proxy``)
 so that its threads do not compete with the bench's for one GIL: each chunk a client sends
 waits MS ms, per connection (a delay line, so a request is delayed once, not per chunk, and
-connections do not wait for each other); answers flow back undelayed (spliced). The mount
-and the raw baseline both use it as their endpoint in the latency pass.
+connections do not wait for each other); answers flow back undelayed (spliced). Opening a
+connection costs no delay (on AWS it costs a round trip, two more with TLS). The mount and
+the raw baseline both use it as their endpoint in the latency pass; it counts the requests
+(GET, HEAD, LIST, ...) that go through it, for the log.
 
 The reading processes are ``python _bench_load.py read-worker``: they start, say ready, and
 read when told to go, so that interpreter start-up is not timed; every byte read through the
