@@ -18,9 +18,9 @@
   eviction: that cache mounted again with --cache-max-size 10,000 objects' worth below what it
       holds (min(10,000, N/2) at --quick sizes) and --metadata-ttl 86400: time from the mount
       command's start until the catalog's running total is under the limit, and the longest
-      open+read+close of one cached object by a concurrent reader meanwhile (after one listing
-      of scale/flat/, so that no read asks S3; it reads the most recently cached objects,
-      which eviction keeps)
+      open+read+close of one cached object by a concurrent reader meanwhile (it reads the tree
+      objects read last through the big cache, which eviction keeps, after listing their
+      directories, so that no read asks S3)
 
 The package is byte-compiled first (as pip install does; see compile_package).  Every key
 holds its own name and a newline; the 2 x N objects are uploaded once, by 32 threads
@@ -308,7 +308,8 @@ class ScaleBench:
         under = threading.Event()
 
         def reader(mp: str):
-            os.listdir(os.path.join(mp, FLAT))  # the names, for the metadata TTL's life
+            for d in sorted({k.rsplit("/", 1)[0] for k in hot}):  # their names, for the TTL's life
+                os.listdir(os.path.join(mp, d))
             i = 0
             while not stop.is_set():
                 key = hot[i % len(hot)]
@@ -352,7 +353,8 @@ class ScaleBench:
         con = sqlite3.connect(f"file:{os.path.join(cache_dir, 'catalog.sqlite3')}?mode=ro", uri=True, timeout=5)
         try:
             return [k for (k,) in con.execute(
-                "SELECT key FROM objects WHERE held > 0 ORDER BY last_access DESC, id DESC LIMIT ?", (HOT_READS,))]
+                "SELECT key FROM objects WHERE held > 0 AND key LIKE ? ORDER BY last_access DESC, id DESC "
+                "LIMIT ?", (TREE + "%", HOT_READS))]
         finally:
             con.close()
 
