@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .. import crashpoints
+from ..errors import first_error
 from .catalog import Candidate
 from .files import reserve_bytes, unlink_all
 from .objects import is_index
@@ -107,28 +108,31 @@ class SpaceMixin:
         unlinkers = trio.CapacityLimiter(UNLINKERS)
         # returns once the files are gone (the caller wants the space), but the catalog is
         # under the limit sooner: batches are dropped while earlier ones are being unlinked
-        async with trio.open_nursery() as unlinks:
-            for indexes in (False, True):  # index files only once nothing else is left
-                after = (float("-inf"), 0)
-                while freed < excess:
-                    batch = self.catalog.evictable(after, EVICT_BATCH)
-                    if not batch:
-                        break
-                    after = (batch[-1].last_access, batch[-1].id)
-                    chosen: list[Candidate] = []
-                    for c in batch:
-                        if freed >= excess:
+        try:
+            async with trio.open_nursery() as unlinks:
+                for indexes in (False, True):  # index files only once nothing else is left
+                    after = (float("-inf"), 0)
+                    while freed < excess:
+                        batch = self.catalog.evictable(after, EVICT_BATCH)
+                        if not batch:
                             break
-                        if is_index(c.key) == indexes and self._may_drop(c):
-                            chosen.append(c)
-                            freed += c.held
-                    doomed = self._drop_many(chosen)
-                    # freeing a large file's blocks takes the file system a while: not on the
-                    # thread that answers every request
-                    if doomed:
-                        unlinks.start_soon(functools.partial(trio.to_thread.run_sync, unlink_all, doomed,
-                                                             limiter=unlinkers))
-                    await trio.sleep(0)  # requests go first
+                        after = (batch[-1].last_access, batch[-1].id)
+                        chosen: list[Candidate] = []
+                        for c in batch:
+                            if freed >= excess:
+                                break
+                            if is_index(c.key) == indexes and self._may_drop(c):
+                                chosen.append(c)
+                                freed += c.held
+                        doomed = self._drop_many(chosen)
+                        # freeing a large file's blocks takes the file system a while: not on the
+                        # thread that answers every request
+                        if doomed:
+                            unlinks.start_soon(functools.partial(trio.to_thread.run_sync, unlink_all, doomed,
+                                                                 limiter=unlinkers))
+                        await trio.sleep(0)  # requests go first
+        except BaseExceptionGroup as eg:  # the caller gets the error, as it would without
+            raise first_error(eg) from None  # the nursery (OSError, sqlite3.Error, Cancelled)
         if freed:
             log.info("cache: evicted %d bytes (least recently read first) to stay within its "
                      "limits", freed)
