@@ -3,7 +3,8 @@
 
   one directory of N keys (scale/flat/): ``ls -f`` and ``ls -l``, cold (fresh mount and cache)
       and warm (again on the same mount), against the boto3 list_objects_v2 paginator
-      (Delimiter='/', all pages); then the daemon's VmRSS, also as MiB per 100,000 inodes
+      (Delimiter='/', all pages); then the daemon's VmRSS, also as MiB per 100,000 inodes, and
+      what it grew by since the mount, per 100,000 inodes
   a tree of N keys in 1,000 directories (scale/tree/dNNN/): ``find . -type f`` on a fresh
       mount, then ``du -s`` right after, against the paginator over the whole tree (no
       Delimiter: the cheapest way to learn every key); du is compared with the find
@@ -213,6 +214,7 @@ class ScaleBench:
             tag = flag[1]
             with self.b.mounter.mount(self.b.srv.endpoint_url, f"scale-ls{tag}") as m:
                 path = os.path.join(m.mountpoint, FLAT.rstrip("/"))
+                rss0 = proc_status(m.pid).get("VmRSS", 0)
                 cold = self.ls(flag, path, f"ls {flag} cold")
                 warm = min(self.ls(flag, path, f"ls {flag} warm") for _ in range(2))
                 rows[f"scale_ls{tag}_cold"].ours = cold
@@ -222,7 +224,9 @@ class ScaleBench:
                     rss = proc_status(m.pid).get("VmRSS", 0)
                     r = rows["scale_rss"]
                     r.ours = rss / MiB
-                    r.ours_note = f"{rss / MiB * 100_000 / self.n:.1f} MiB per 100,000 inodes"
+                    r.ours_note = (f"{rss / MiB * 100_000 / self.n:.1f} MiB per 100,000 inodes; above the "
+                                   f"{rss0 / MiB:.0f} MiB of the fresh mount: "
+                                   f"{(rss - rss0) / MiB * 100_000 / self.n:.1f} MiB per 100,000")
                     self.log(f"[scale] daemon RSS after ls -l: {rss / MiB:.1f} MiB")
 
     def tree_walk(self):
