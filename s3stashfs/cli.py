@@ -312,14 +312,17 @@ def default_log_file() -> Path:
 def cmd_mount(args) -> int:
     import dataclasses
 
-    from . import mount
+    from . import mountpoints
     settings = _settings(args)
-    mount.check_signing(settings)
+    mountpoints.check_signing(settings)
     if not args.foreground:
-        mount.check_mountpoint(args.mountpoint)
+        # the parent only checks and waits: the daemon's imports (pyfuse3, trio, boto3) are
+        # the daemon's, or every mount would pay for them twice
+        mountpoints.check_mountpoint(args.mountpoint)
         if settings.log_file is None:
             settings = dataclasses.replace(settings, log_file=default_log_file())
         return _daemonise(settings, args.mountpoint)
+    from . import mount
     mount.setup_logging(settings)
     ready_fd = args.ready_fd
 
@@ -397,7 +400,7 @@ def _settings_env(settings) -> dict[str, str]:
 
 
 def cmd_unmount(args) -> int:
-    from .mount import daemon_pids, mounted_points
+    from .mountpoints import daemon_pids, mounted_points
     real = os.path.realpath(args.mountpoint)
     fstype = mounted_points().get(real, (None, None))[0]
     if fstype is None:

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import control
+from . import control_client as control
 from .errors import ConfigError, MountError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_LOOK, EXIT_NOT_MOUNTED = 0, 1, 2, 3, 4
@@ -35,13 +35,13 @@ class CommandError(Exception):
 
 # ------------------------------------------------------------------------ finding the mount
 def s3stashfs_mounts() -> list[str]:
-    from .mount import mounted_points
+    from .mountpoints import mounted_points
     return [p for p, (fstype, _) in mounted_points().items() if fstype == FSTYPE]
 
 
 def cache_dir_of(mountpoint: str) -> Path:
     """The cache directory of the mount at ``mountpoint``: the daemon holds its lock file open."""
-    from .mount import LOCK_NAME, daemon_pids
+    from .mountpoints import LOCK_NAME, daemon_pids
     for pid in daemon_pids(mountpoint):
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -88,7 +88,7 @@ def mount_containing(path: str) -> tuple[str, list[str]]:
 def unmounted_cache(settings, cache_dir: Path):
     """The cache directory itself, locked like a mount locks it, while nothing is mounted."""
     from .cache import Cache
-    from .mount import lock_cache_dir
+    from .mountpoints import lock_cache_dir
     if not (cache_dir / "catalog.sqlite3").exists():
         raise CommandError(f"{cache_dir}: no s3stashfs cache there")
     try:

@@ -18,13 +18,14 @@ import os
 import socket
 import struct
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 from .progress import each_reporting
 from .archive import TIERS
+from . import control_client
+from .control_client import SOCKET_NAME, ControlError, NotServing, _dir_fd  # noqa: F401 - NotServing re-exported
 from .errors import S3StashError, Unreachable
 from .inodes import Kind
 from .namespace import valid_name
@@ -36,27 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "control.sock"
 MAX_REQUEST = 1 << 16
 PIN_PARALLEL = 8
 PROGRESS_EVERY = 0.25
-
-
-class ControlError(Exception):
-    """The command could not be done; ``errno`` says why (ENETUNREACH, ENOENT, ...)."""
-
-    def __init__(self, message: str, errno: int = 0):
-        super().__init__(message)
-        self.errno = errno
-
-
-@contextlib.contextmanager
-def _dir_fd(directory: Path):
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{SOCKET_NAME}"
-    finally:
-        os.close(fd)
+request = control_client.request  # the client, re-exported for callers of control.request
 
 
 # ------------------------------------------------------------------------------ server
@@ -292,36 +276,3 @@ async def _read_line(stream) -> dict:
         if len(buf) > MAX_REQUEST:
             raise ValueError("request too long")
     return json.loads(buf.split(b"\n", 1)[0])
-
-
-# ------------------------------------------------------------------------------ client
-class NotServing(Exception):
-    """No mount answers on this cache directory's socket."""
-
-
-def request(cache_dir: Path, req: dict, on_progress=None, connect_timeout: float = 5.0) -> dict:
-    """Send one command to the mount using ``cache_dir``; returns its result. Raises NotServing
-    when no mount listens there, ControlError when the mount answered with an error."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        s.settimeout(connect_timeout)
-        try:
-            with _dir_fd(cache_dir) as short:
-                s.connect(short)
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
-            raise NotServing(str(e)) from None
-        s.settimeout(None)  # pin and sync take as long as they take
-        s.sendall((json.dumps(req) + "\n").encode())
-        f = s.makefile("rb")
-        for line in f:
-            msg = json.loads(line)
-            if "progress" in msg:
-                if on_progress is not None:
-                    on_progress(msg["progress"])
-            elif "result" in msg:
-                return msg["result"]
-            elif "error" in msg:
-                raise ControlError(msg["error"], int(msg.get("errno") or 0))
-        raise ControlError("the mount closed the connection without an answer")
-    finally:
-        s.close()

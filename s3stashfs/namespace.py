@@ -309,9 +309,10 @@ class Namespace:
             meta = known.get(key)
             if meta is not None and meta[0] == info.etag:
                 info = dataclasses.replace(info, mtime_ns=meta[1], metadata=tuple(sorted(meta[2].items())))
-            child = self.inodes.child(node, name.encode(), kind_of(info), bucket, key)
+            raw = name.encode()  # one bytes object for the node and the listing (100,000 keys)
+            child = self.inodes.child(node, raw, kind_of(info), bucket, key)
             self._set_info(child, info)
-            children[name.encode()] = child
+            children[raw] = child
         for obj in self.cache.local_objects():  # written here, not yet (all) in S3
             rest = obj.key[len(prefix):]
             if obj.bucket == bucket and obj.key.startswith(prefix) and "/" not in rest and rest:

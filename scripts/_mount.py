@@ -195,16 +195,21 @@ class Mounter:
         return any(m and m in cmdline for m in marks)
 
     @contextlib.contextmanager
-    def mount(self, endpoint_url: str, label: str, extra_args: list[str] | tuple[str, ...] = ()):
+    def mount(self, endpoint_url: str, label: str, extra_args: list[str] | tuple[str, ...] = (),
+              cache_dir: str | None = None):
+        """``cache_dir``: mount on this existing cache dir and keep it afterwards (default: a
+        fresh one, removed at the end)."""
         self.n += 1
         tag = f"{self.n:02d}-{label}"
-        cache_dir = os.path.join(self.workdir, f"cache-{tag}")
+        keep_cache = cache_dir is not None
+        cache_dir = cache_dir or os.path.join(self.workdir, f"cache-{tag}")
         log_file = os.path.join(self.logdir, f"mount-{tag}.log")
         out_file = os.path.join(self.logdir, f"mount-{tag}.out")
         mp = self.mountpoint
         if is_mounted(mp):
             raise self.error(f"{mp} is still mounted")
-        os.makedirs(cache_dir, mode=0o700)
+        if not keep_cache:
+            os.makedirs(cache_dir, mode=0o700)
         cmd = [*self.cmd, "mount", mp, "--endpoint-url", endpoint_url, "--bucket", self.bucket,
                "--cache-dir", cache_dir, "--log-file", log_file, *self.extra, *extra_args]
         pid = None
@@ -235,7 +240,8 @@ class Mounter:
         finally:
             self.active = None
             self._teardown(mp, cache_dir, pid, out_file)
-            shutil.rmtree(cache_dir, ignore_errors=True)
+            if not keep_cache:
+                shutil.rmtree(cache_dir, ignore_errors=True)
 
     def _teardown(self, mp: str, cache_dir: str, pid: int | None, out_file: str) -> None:
         if pid is None:

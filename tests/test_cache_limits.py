@@ -137,6 +137,32 @@ def test_min_free_evicts_oldest_first_and_indexes_last(tmp_path):
         close(c)
 
 
+def test_eviction_goes_by_batches_oldest_first_and_raises_plain_errors(tmp_path, monkeypatch):
+    """Eviction drops a few objects per catalog query, lets requests in between, and unlinks
+    earlier batches meanwhile: 30 objects, 20 over the limit, the 20 oldest go and the files are
+    gone when make_room returns; an error unlinking reaches the caller as itself, not as the
+    nursery's exception group."""
+    from s3stashfs.cache import space
+    rows = [(f"k{i:02d}", 1000, float(i)) for i in range(30)]
+    c = _fake_cache(tmp_path, rows, max_size=10 * 1000)
+    c.disk_space = lambda: (1 << 40, 1 << 41)
+    try:
+        assert space.EVICT_BATCH < 20
+        assert trio.run(c.make_room) == 20 * 1000
+        left = sorted(p.name for p in (c.dir / "data" / "00").iterdir())
+        assert left == [f"k{i:02d}" for i in range(20, 30)]
+        assert c.usage()["bytes"] == 10 * 1000
+
+        def refuse(paths):
+            raise PermissionError(errno.EACCES, "refused", paths[0])
+        monkeypatch.setattr(space, "unlink_all", refuse)
+        c.max_size = 5 * 1000
+        with pytest.raises(PermissionError):
+            trio.run(c.make_room)
+    finally:
+        close(c)
+
+
 def test_size_setting_parser(tmp_path):
     from s3stashfs import config
     from s3stashfs.errors import ConfigError

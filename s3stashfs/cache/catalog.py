@@ -305,6 +305,15 @@ class Catalog:
                          "held=held_bytes(?1, size, block_size, dirty) WHERE id=?2",
                          (ranges, row_id))
 
+    def drop_blocks_many(self, row_ids: list[int]) -> None:
+        """``drop_blocks(id)`` of each, in one transaction: eviction drops them by the batch,
+        and a commit per row cost the event loop a millisecond or more each."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "UPDATE objects SET ranges=NULL, complete=0, verified=0, verified_by=NULL, "
+                "held=held_bytes(NULL, size, block_size, dirty) WHERE id=?", [(i,) for i in row_ids])
+
     def verification_rows(self, origin: str | None = None) -> list[Row]:
         """Every clean row holding bytes (of ``origin``, or all): what ``cache verify`` reports."""
         q = f"SELECT {','.join(_COLS)} FROM objects WHERE held > 0 AND dirty = 0"

@@ -63,21 +63,34 @@ def fsync_all(fds: list[int], dir_fd: int) -> None:
 
 def sweep_files(cache_dir: Path, known: set[str], before: float) -> int:
     """Delete data files older than ``before`` that no catalog row names (a crash between
-    creating a file and recording it). Runs in a thread; only sees paths and a set of names."""
+    creating a file and recording it). Runs in a thread; only sees paths and a set of names.
+    Plain strings and scandir, no Path per file: with 100,000 objects cached, pathlib made this
+    1.5 s of CPU (holding the GIL against the mount's requests) after every mount."""
     removed = 0
-    data = cache_dir / "data"
-    for sub in data.iterdir() if data.is_dir() else ():
-        if not sub.is_dir():
-            continue
-        for f in sub.iterdir():
-            rel = f"data/{sub.name}/{f.name}"
-            owner = next((rel[:-len(x)] for x in SIDECARS if rel.endswith(x)), rel)
-            try:
-                if owner not in known and f.stat().st_mtime < before:
-                    f.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass
+    try:
+        subs = os.scandir(cache_dir / "data")
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    with subs:
+        for sub in subs:
+            if not sub.is_dir():
+                continue
+            head = f"data/{sub.name}/"
+            with os.scandir(sub.path) as files:
+                for f in files:
+                    owner = f.name
+                    for x in SIDECARS:
+                        if owner.endswith(x):
+                            owner = owner[:-len(x)]
+                            break
+                    if head + owner in known:
+                        continue
+                    try:
+                        if f.stat().st_mtime < before:
+                            os.unlink(f.path)
+                            removed += 1
+                    except FileNotFoundError:
+                        pass
     return removed
 
 

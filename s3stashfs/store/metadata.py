@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import trio
 
@@ -93,9 +94,10 @@ class MetadataCalls(Client):
             for o in r.get("Contents", []):
                 lm = _ns(o.get("LastModified"))
                 keys.append(o["Key"])
+                # one string per storage class, not one per key the listing keeps
                 objs.append(ObjectInfo(etag=strip_etag(o.get("ETag", "")), size=int(o.get("Size", 0)),
                                        last_modified_ns=lm, mtime_ns=lm,
-                                       storage_class=o.get("StorageClass") or "STANDARD"))
+                                       storage_class=sys.intern(o.get("StorageClass") or "STANDARD")))
             prefixes = [p["Prefix"] for p in r.get("CommonPrefixes", [])]
             nxt = r.get("NextContinuationToken") if r.get("IsTruncated") else None
             return ListPage(prefixes, objs, keys, nxt)

@@ -50,9 +50,10 @@ class Timeouts:
         return cls(connect=0.4 * meta, meta=meta, data=2 * meta, write=6 * meta)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ObjectInfo:
-    """What S3 says about one object version."""
+    """What S3 says about one object version. One per file the mount has seen: slots, no
+    per-instance dict (48 bytes less each; a listed directory of 100,000 keys keeps 100,000)."""
 
     etag: str  # without quotes
     size: int
