@@ -285,9 +285,12 @@ class Fetcher:
                 sums_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
                 try:
                     write_sums(data_fd, sums_fd, size, f.start, f.end)
-                    os.fsync(sums_fd)  # no descriptor for Cache.sync to flush later
-                finally:
+                except BaseException:
                     os.close(sums_fd)
+                    raise
+                # made durable by the cache's next sync, with the data, before the catalog
+                # records the blocks (an fsync here cost each small object a journal commit)
+                token.run_sync_soon(self.cache.adopt_sums, obj, sums_fd)
                 token.run_sync_soon(self._arrived, obj, f, marked, pos)
 
             held = [obj.fd]  # the data file's descriptor, once known

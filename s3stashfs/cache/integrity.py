@@ -85,6 +85,14 @@ class IntegrityMixin:
                 obj.old_sums_fd = -1
         return obj.old_sums_fd
 
+    def adopt_sums(self, obj: CachedObject, fd: int) -> None:
+        """Take a sidecar descriptor a fetching thread opened and wrote: ``Cache.sync`` fsyncs
+        it with the data file before the catalog records the blocks."""
+        if obj.sums_fd is None:
+            obj.sums_fd = fd
+        else:  # the same file: fsyncing the one held flushes what this one wrote
+            os.close(fd)
+
     def _close_sums(self, obj: CachedObject) -> None:
         for fd in (obj.sums_fd, obj.old_sums_fd):
             if fd is not None and fd >= 0:
