@@ -158,6 +158,7 @@ class Namespace:
         if seen is not None and not _seen_in_s3(seen):
             seen = None
         deletes = self.cache.pending_keys("delete")  # queued while offline, not applied yet
+        asked = time.monotonic()
         info: ObjectInfo | None = None
         page: ListPage | None = None
         if seen is not None and seen.kind.is_object:
@@ -191,7 +192,7 @@ class Namespace:
                 self._log_once(parent.bucket, key, "both an object and a prefix: shown as a directory")
             node = self.inodes.child(parent, name, Kind.DIR, parent.bucket, key + "/")
             if page is not None and page.next_token is None:
-                await self._adopt(node, page)
+                await self._adopt(node, page, asked)
             return node
         if info is None:
             return None
@@ -221,11 +222,11 @@ class Namespace:
         return (listing is not None and listing.from_s3 and self._fresh(node.listing_at)
                 and (bool(listing.children) or listing.marker is not None))
 
-    async def _adopt(self, node: Node, page: ListPage) -> None:
-        """A lookup's LIST that holds the whole directory is its listing (unless a listdir of
-        it is under way, which will set a newer one)."""
+    async def _adopt(self, node: Node, page: ListPage, asked: float) -> None:
+        """A lookup's LIST (sent at ``asked``) that holds the whole directory is its listing,
+        unless a listdir of it is under way or ended since: theirs is as new or newer."""
         lock = self._listing_locks.setdefault(node.ino, trio.Lock())
-        if lock.locked():
+        if lock.locked() or (node.listing is not None and node.listing_at > asked):
             return
         async with lock:
             marker: list[str] = []
