@@ -8,6 +8,9 @@ never become a path, in the mount or in the cache.
 Freshness: a listing younger than the metadata TTL answers lookups (negatively too) and gives
 ``open()`` its ETag; otherwise ``open()`` asks S3 with a HEAD. A HEAD made by a lookup is used by
 the one ``open()`` that follows it, so ``cat file`` costs one HEAD, and every later open asks again.
+After the TTL a name is revalidated with one request for what it was last seen as (a file: HEAD;
+a directory: a LIST of it, which becomes its listing when it holds all of it), so a walk costs
+one LIST per directory however long it takes.
 """
 from __future__ import annotations
 
@@ -22,11 +25,12 @@ from .cache import Cache
 from .errors import (CredentialsFailed, Denied, InvalidName, NotADirectory, NotEmpty, NotFound, Unreachable,
                      first_error)
 from .inodes import InodeTable, Kind, Node
-from .store import ObjectInfo, Store
+from .store import ListPage, ObjectInfo, Store
 
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
+PAGE = 1000  # keys in a ListObjectsV2 page: S3's most
 
 
 def valid_name(name: str) -> bool:
@@ -144,42 +148,91 @@ class Namespace:
         return self.inodes.child(parent, name, Kind.BUCKET, text, "")
 
     async def _lookup_key(self, parent: Node, name: bytes, text: str) -> Node | None:
-        """HEAD the key and LIST the prefix at the same time; the directory wins."""
+        """What ``name`` is in S3 now; the directory wins. A name this mount last saw as a file
+        is asked with a HEAD, one it last saw as a directory with a LIST of it (none while
+        that directory's own listing is fresh); the other request only when the first says it
+        is no longer so. A name never seen: HEAD and LIST at the same time. A directory's LIST
+        that holds all of it becomes its listing, for the readdir that usually follows."""
         key = parent.key + text
-        head_info: list[ObjectInfo | None] = [None]
-        found: dict[str, bool | str] = {}
+        seen = self.inodes.existing_child(parent, name)
+        if seen is not None and not _seen_in_s3(seen):
+            seen = None
+        deletes = self.cache.pending_keys("delete")  # queued while offline, not applied yet
+        asked = time.monotonic()
+        info: ObjectInfo | None = None
+        page: ListPage | None = None
+        if seen is not None and seen.kind.is_object:
+            info = await self.store.head_object(parent.bucket, key)
+            if info is None or (parent.bucket, key) in deletes:
+                page = await self._list_dir(parent.bucket, key + "/", None)
+        elif seen is not None:
+            if self._listed_now(seen):
+                return seen
+            page = await self._list_dir(parent.bucket, key + "/", seen)
+            if not self._is_dir(parent.bucket, key + "/", page, deletes):
+                info = await self.store.head_object(parent.bucket, key)
+        else:
+            async def head():
+                nonlocal info
+                info = await self.store.head_object(parent.bucket, key)
 
-        async def head():
-            head_info[0] = await self.store.head_object(parent.bucket, key)
-
-        async def as_dir():
-            page = await self.store.list_page(parent.bucket, key + "/", max_keys=1)
-            only_marker = (not page.prefixes and page.keys == [key + "/"]
-                           and page.next_token is None)
-            found["dir"] = "marker" if only_marker else bool(page.prefixes or page.keys)
-
-        try:
-            async with trio.open_nursery() as n:
-                n.start_soon(head)
-                n.start_soon(as_dir)
-        except BaseExceptionGroup as eg:
-            raise first_error(eg) from None
-        info = head_info[0]
-        if info is not None and (parent.bucket, key) in self.cache.pending_keys("delete"):
+            async def as_dir():
+                nonlocal page
+                page = await self._list_dir(parent.bucket, key + "/", None)
+            try:
+                async with trio.open_nursery() as n:
+                    n.start_soon(head)
+                    n.start_soon(as_dir)
+            except BaseExceptionGroup as eg:
+                raise first_error(eg) from None
+        if info is not None and (parent.bucket, key) in deletes:
             info = None  # deleted while offline; the delete is on its way
-        if found["dir"] == "marker" and (parent.bucket, key + "/") in self.cache.pending_keys("delete"):
-            found["dir"] = False  # removed while offline; the marker's delete is on its way
-        if not found["dir"] and (parent.bucket, key + "/") in self.cache.pending_keys("mkdir"):
-            found["dir"] = True
-        if found["dir"]:
+        if self._is_dir(parent.bucket, key + "/", page, deletes):
             if info is not None:
                 self._log_once(parent.bucket, key, "both an object and a prefix: shown as a directory")
-            return self.inodes.child(parent, name, Kind.DIR, parent.bucket, key + "/")
+            node = self.inodes.child(parent, name, Kind.DIR, parent.bucket, key + "/")
+            if page is not None and page.next_token is None:
+                await self._adopt(node, page, asked)
+            return node
         if info is None:
             return None
         node = self.inodes.child(parent, name, kind_of(info), parent.bucket, key)
         self._set_info(node, info, from_head=True)
         return node
+
+    async def _list_dir(self, bucket: str, prefix: str, seen: Node | None) -> ListPage:
+        """The first page of a directory's listing: what shows it is one, and all of it
+        when it is small. One key is enough for a directory last seen with a page or more."""
+        big = seen is not None and seen.listing is not None and len(seen.listing.children) >= PAGE
+        return await self.store.list_page(bucket, prefix, max_keys=1 if big else PAGE)
+
+    def _is_dir(self, bucket: str, prefix: str, page: ListPage | None,
+                deletes: set[tuple[str, str]]) -> bool:
+        """Is ``prefix`` a directory, by the first page of its listing (None: not asked) and
+        the changes queued while offline?"""
+        if page is not None and (page.prefixes or page.keys):
+            only_marker = not page.prefixes and page.keys == [prefix] and page.next_token is None
+            if not only_marker or (bucket, prefix) not in deletes:
+                return True  # (the marker of a directory removed while offline is on its way)
+        return (bucket, prefix) in self.cache.pending_keys("mkdir")
+
+    def _listed_now(self, node: Node) -> bool:
+        """A directory whose own listing by S3 is fresh and shows it exists."""
+        listing = node.listing
+        return (listing is not None and listing.from_s3 and self._fresh(node.listing_at)
+                and (bool(listing.children) or listing.marker is not None))
+
+    async def _adopt(self, node: Node, page: ListPage, asked: float) -> None:
+        """A lookup's LIST (sent at ``asked``) that holds the whole directory is its listing,
+        unless a listdir of it is under way or ended since: theirs is as new or newer."""
+        lock = self._listing_locks.setdefault(node.ino, trio.Lock())
+        if lock.locked() or (node.listing is not None and node.listing_at > asked):
+            return
+        async with lock:
+            marker: list[str] = []
+            children = await self._list_prefix(node, marker, first=page)
+            node.listing = Listing(children, from_s3=True, marker=marker[0] if marker else None)
+            node.listing_at = time.monotonic()
 
     def _set_info(self, node: Node, info: ObjectInfo, from_head: bool = False) -> None:
         old = node.info
@@ -260,16 +313,19 @@ class Namespace:
         names = self.buckets or await self.store.list_buckets()
         return {n.encode(): self.inodes.child(node, n.encode(), Kind.BUCKET, n, "") for n in names}
 
-    async def _list_prefix(self, node: Node, marker: list[str]) -> dict[bytes, Node]:
-        """The directory's children; the ETag of its own marker object, if any, is appended to
-        ``marker``."""
+    async def _list_prefix(self, node: Node, marker: list[str],
+                           first: ListPage | None = None) -> dict[bytes, Node]:
+        """The directory's children, from S3's listing (which starts with ``first``, when a
+        lookup already has its first page); the ETag of its own marker object, if any, is
+        appended to ``marker``."""
         bucket, prefix = node.bucket, node.key
         dirs: dict[str, None] = {}
         files: dict[str, ObjectInfo] = {}
         deleted = self.cache.pending_keys("delete")  # queued while offline, not applied yet
         token = None
         while True:
-            page = await self.store.list_page(bucket, prefix, token)
+            page = first if first is not None else await self.store.list_page(bucket, prefix, token)
+            first = None
             for p in page.prefixes:
                 dirs[p[len(prefix):-1]] = None
             for k, info in zip(page.keys, page.objects):

@@ -87,7 +87,8 @@ def test_mount_with_no_cache_and_no_s3_fails_clearly(mount, bucket, moto_server)
 
 def test_names_seen_online_stay_known_offline(mount, s3, bucket, moto_server):
     """What S3 showed this mount (a directory looked up, a file stat'ed) is still there offline,
-    though nothing below it was ever cached: stat and listings say so, reads say unreachable."""
+    though nothing below it was ever cached: stat and listings say so, reads and the listing of
+    a directory never listed say unreachable."""
     helpers.put_object(s3, bucket, "sub/deep/x.txt", b"x\n")
     helpers.put_object(s3, bucket, "seen.txt", b"seen\n")
     helpers.put_object(s3, bucket, "cached.txt", b"cached\n")
@@ -101,6 +102,8 @@ def test_names_seen_online_stay_known_offline(mount, s3, bucket, moto_server):
         assert os.stat(m.path / "seen.txt").st_size == 5
         assert sorted(os.listdir(m.path)) == ["cached.txt", "seen.txt", "sub"]
         enetunreach_at_once(lambda: (m.path / "seen.txt").read_bytes())
-        enetunreach_at_once(lambda: os.listdir(m.path / "sub"))
+        # the lookup of sub listed it (one LIST, which held all of it): it lists as then
+        assert os.listdir(m.path / "sub") == ["deep"]
+        enetunreach_at_once(lambda: os.listdir(m.path / "sub" / "deep"))  # never listed
     finally:
         moto_server.start()
