@@ -18,6 +18,7 @@ import trio
 
 from . import crashpoints
 from .archive import Archives
+from .budget import ReadAheadBudget
 from .cache import Cache
 from .config import Settings
 from .control import ControlServer
@@ -153,7 +154,7 @@ class Mount:
         queue = settings.offline_writes == "queue"
         self.ns = Namespace(self.store, self.cache, self.inodes, settings.metadata_ttl,
                             settings.buckets, queue_offline=queue)
-        self.fetcher = Fetcher(self.store, self.cache)
+        self.fetcher = Fetcher(self.store, self.cache, ReadAheadBudget(settings.read_ahead_memory))
         self.uploader = Uploader(self.store, self.cache, settings.multipart_threshold_mb << 20,
                                  settings.part_size_mb << 20, settings.local_only,
                                  settings.offline_writes)
