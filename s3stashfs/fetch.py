@@ -89,7 +89,9 @@ class Fetcher:
         self.store = store
         self.cache = cache
         self.budget = budget or ReadAheadBudget(DEFAULT_READ_AHEAD_MEMORY)
-        self._held: dict[Fetch, tuple[Reader, int]] = {}  # read-ahead fetch -> its grant
+        # read-ahead fetch -> [its reader, the grant it still holds, the first block it holds
+        # it for]: given back as those blocks land
+        self._held: dict[Fetch, list] = {}
         self.nursery: trio.Nursery | None = None  # set by the mount: fetches outlive requests
         self._busy: set[CachedObject] = set()  # objects with fetches under way
         self.verifier = Verifier(store, cache)
@@ -189,14 +191,14 @@ class Fetcher:
             new = self._unfetched(obj, ahead, target)
             granted = self.budget.grant(state, len(new) * BLOCK_SIZE)
             if granted < len(new) * BLOCK_SIZE:  # as far as the grant goes
-                target = new[granted // BLOCK_SIZE] if granted // BLOCK_SIZE < len(new) else target
+                target = new[granted // BLOCK_SIZE]
             started: list[Fetch] = []
             fetches = self._ensure(obj, b0, target, chunk=chunk, started=started)
             state.ahead_upto = max(state.ahead_upto, target)
             for f in started:  # each fetch of read-ahead holds its part of the grant
                 n = min(granted, max(0, f.end - max(f.start, b1)) * BLOCK_SIZE)
                 if n:
-                    self._held[f] = (state, n)
+                    self._held[f] = [state, n, max(f.start, b1)]
                     granted -= n
             self.budget.give_back(state, granted)  # blocks found present or in flight meanwhile
             return fetches
@@ -279,7 +281,7 @@ class Fetcher:
             f.done = True
             held = self._held.pop(f, None)
             if held is not None:
-                self.budget.give_back(*held)
+                self.budget.give_back(held[0], held[1])
             for blk in range(f.start, f.end):
                 if obj.inflight.get(blk) is f:
                     del obj.inflight[blk]
@@ -364,6 +366,12 @@ class Fetcher:
     def _arrived(self, obj: CachedObject, f: Fetch, marked: list[int], pos: int) -> None:
         upto = obj.nblocks if pos >= obj.size else pos // BLOCK_SIZE
         upto = min(upto, f.end)
+        held = self._held.get(f)
+        if held is not None and upto > held[2]:  # read-ahead landed: its grant is free again
+            n = min(held[1], (upto - held[2]) * BLOCK_SIZE)
+            held[1] -= n
+            held[2] = upto
+            self.budget.give_back(held[0], n)
         if upto > marked[0]:
             obj.mark(marked[0], upto)
             marked[0] = upto
