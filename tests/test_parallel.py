@@ -107,3 +107,20 @@ def test_many_sequential_readers_share_the_budget(mount, s3, bucket, s3_proxy):
     pid = m.read_pid()
     assert pid is not None
     assert vm_hwm(pid) <= RSS_LIMIT
+
+
+def test_fuse_background_reads_are_raised_through_fusectl(tmp_path):
+    """The kernel sends at most ``max_background`` (12) page-cache reads of one FUSE connection
+    at once, whatever the daemon could serve: 32 programs reading the start of 32 large files had
+    12 GETs in flight. The mount raises it through fusectl (when mounted, as root); fusectl names
+    a connection by the device number of its mount."""
+    from s3stashfs.mount import MAX_BACKGROUND, raise_background
+    st = os.stat(tmp_path)  # stands for the mount: its device number names the connection
+    conn = tmp_path / "fusectl" / str((os.major(st.st_dev) << 20) | os.minor(st.st_dev))
+    conn.mkdir(parents=True)
+    for name in ("max_background", "congestion_threshold"):
+        (conn / name).write_text("12\n")
+    raise_background(tmp_path, fusectl=tmp_path / "fusectl")
+    assert int((conn / "max_background").read_text()) == MAX_BACKGROUND
+    assert 12 < int((conn / "congestion_threshold").read_text()) < MAX_BACKGROUND
+    raise_background(tmp_path, fusectl=tmp_path / "absent")  # no fusectl: the default stays
