@@ -20,21 +20,20 @@ MIN_SHARE = 1 << 20  # the share never falls below this (the budget still caps t
 
 
 class Reader:
-    """What the budget knows of one sequential reader: the read-ahead bytes it holds, and
-    when it last asked."""
+    """What the budget keeps in each sequential reader: the read-ahead bytes it holds."""
 
-    __slots__ = ("held", "asked_at")
+    __slots__ = ("held",)
 
     def __init__(self):
         self.held = 0
-        self.asked_at = 0.0
 
 
 class ReadAheadBudget:
-    """Owns the count of read-ahead bytes outstanding (granted to fetches not yet finished).
+    """Owns the count of read-ahead bytes outstanding: granted to fetches, and not yet landed.
 
     Invariant: ``outstanding`` never exceeds ``limit``: ``grant`` hands out no more than is
-    free, and every grant is given back once by ``give_back``. ``peak`` is the most ever
+    free, and every byte granted is given back once (``give_back``: by the fetch as its blocks
+    land, the rest when it ends). ``peak`` is the most ever
     outstanding (``status --json`` shows it, and the tests check it against the limit)."""
 
     def __init__(self, limit: int, clock=time.monotonic):
@@ -43,18 +42,25 @@ class ReadAheadBudget:
         self.peak = 0
         self._clock = clock
         self._active: dict[Reader, float] = {}  # reader -> when it last asked
+        self._pruned_at = float("-inf")
 
     def share(self, reader: Reader) -> int:
         """The most read-ahead ``reader`` may hold now: the budget, divided evenly between the
         readers that asked within ACTIVE_FOR seconds (this one included)."""
         now = self._clock()
-        reader.asked_at = now
         self._active[reader] = now
-        if len(self._active) > 1:
-            for r, at in list(self._active.items()):
-                if now - at > ACTIVE_FOR and r.held == 0:
-                    del self._active[r]
+        self._prune(now)
         return max(min(MIN_SHARE, self.limit), self.limit // len(self._active))
+
+    def _prune(self, now: float) -> None:
+        """Forget the readers idle for ACTIVE_FOR that hold nothing; a few times a second at
+        most, not at every read of every reader."""
+        if now - self._pruned_at < ACTIVE_FOR / 4:
+            return
+        self._pruned_at = now
+        for r, at in list(self._active.items()):
+            if now - at > ACTIVE_FOR and r.held == 0:
+                del self._active[r]
 
     def grant(self, reader: Reader, want: int) -> int:
         """Up to ``want`` bytes of read-ahead for ``reader``: no more than its share minus what
@@ -72,5 +78,6 @@ class ReadAheadBudget:
         self.outstanding -= n
 
     def status(self) -> dict:
+        self._prune(self._clock())
         return {"limit": self.limit, "outstanding": self.outstanding, "peak": self.peak,
                 "readers": len(self._active)}
