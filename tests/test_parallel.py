@@ -109,6 +109,20 @@ def test_many_sequential_readers_share_the_budget(mount, s3, bucket, s3_proxy):
     assert vm_hwm(pid) <= RSS_LIMIT
 
 
+def test_a_reader_alone_gets_its_whole_window(mount, s3, bucket, s3_proxy):
+    """The default budget (64M) is MAX_WINDOW: one sequential reader is not cut to a share."""
+    from s3stashfs.fetch import CHUNK
+    body = helpers.random_bytes(32 * MiB, seed="alone")
+    helpers.put_object(s3, bucket, "alone.bin", body)
+    m = mount(bucket=bucket, endpoint_url=s3_proxy.url)
+    s3_proxy.delay = 0.05
+    assert (m.path / "alone.bin").read_bytes() == body
+    ra = status(m)["read_ahead"]
+    print(f"read-ahead: {ra}")
+    assert ra["limit"] == 64 * MiB
+    assert CHUNK < ra["peak"] <= ra["limit"], ra  # more ahead than one GET: the window grew
+
+
 def test_fuse_background_reads_are_raised_through_fusectl(tmp_path):
     """The kernel sends at most ``max_background`` (12) page-cache reads of one FUSE connection
     at once, whatever the daemon could serve: 32 programs reading the start of 32 large files had
