@@ -280,9 +280,13 @@ def raise_background(mountpoint: Path, n: int = MAX_BACKGROUND, fusectl: Path = 
     counts them against the connection's ``max_background``, which libfuse leaves at the
     kernel's 12 and pyfuse3 gives no way to raise at INIT, so 32 programs reading 32 large files
     had only 12 reads, and so 12 GETs, in flight. fusectl (mounted by systemd on most systems)
-    can change it; only root may. Elsewhere the default stays."""
-    st = os.stat(mountpoint)
-    conn = fusectl / str((os.major(st.st_dev) << 20) | os.minor(st.st_dev))
+    can change it; only root may. Elsewhere the default stays. (The device comes from
+    mountinfo: a stat of the mount from this thread would wait for this thread to answer it.)"""
+    _, dev = mounted_points().get(str(mountpoint), ("", ""))
+    major, _, minor = dev.partition(":")
+    if not (major.isdigit() and minor.isdigit()):
+        return
+    conn = fusectl / str((int(major) << 20) | int(minor))
     try:
         (conn / "max_background").write_text(f"{n}\n")
         (conn / "congestion_threshold").write_text(f"{n * 3 // 4}\n")

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -128,13 +129,14 @@ def test_fuse_background_reads_are_raised_through_fusectl(tmp_path):
     at once, whatever the daemon could serve: 32 programs reading the start of 32 large files had
     12 GETs in flight. The mount raises it through fusectl (when mounted, as root); fusectl names
     a connection by the device number of its mount."""
-    from s3stashfs.mount import MAX_BACKGROUND, raise_background
-    st = os.stat(tmp_path)  # stands for the mount: its device number names the connection
-    conn = tmp_path / "fusectl" / str((os.major(st.st_dev) << 20) | os.minor(st.st_dev))
+    from s3stashfs.mount import MAX_BACKGROUND, mounted_points, raise_background
+    point, (_, dev) = next(iter(mounted_points().items()))  # stands for the mount
+    major, minor = map(int, dev.split(":"))
+    conn = tmp_path / "fusectl" / str((major << 20) | minor)
     conn.mkdir(parents=True)
     for name in ("max_background", "congestion_threshold"):
         (conn / name).write_text("12\n")
-    raise_background(tmp_path, fusectl=tmp_path / "fusectl")
+    raise_background(Path(point), fusectl=tmp_path / "fusectl")
     assert int((conn / "max_background").read_text()) == MAX_BACKGROUND
     assert 12 < int((conn / "congestion_threshold").read_text()) < MAX_BACKGROUND
-    raise_background(tmp_path, fusectl=tmp_path / "absent")  # no fusectl: the default stays
+    raise_background(Path(point), fusectl=tmp_path / "absent")  # no fusectl: the default stays
