@@ -83,6 +83,10 @@ def build_parser() -> _Parser:
     m.add_argument("--cache-min-free", metavar="SIZE|PCT",
                    help="free space the cache keeps on its disk by evicting, e.g. 2G or 10%% "
                         "(default 5%%) [S3STASHFS_CACHE_MIN_FREE]")
+    m.add_argument("--read-ahead-memory", metavar="SIZE",
+                   help="most read-ahead requested from S3 and not yet arrived, across all open "
+                        "files, e.g. 64M, 1G (default 64M); a reader alone gets its whole window, "
+                        "several share it [S3STASHFS_READ_AHEAD_MEMORY]")
     m.add_argument("--file-mode", metavar="MODE",
                    help="permissions of cache files, at least 0600 (default 0600) "
                         "[S3STASHFS_FILE_MODE]")

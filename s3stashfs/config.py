@@ -44,6 +44,7 @@ class Space:
 
 
 DEFAULT_CACHE_MIN_FREE = Space(percent=5.0)
+DEFAULT_READ_AHEAD_MEMORY = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,8 @@ class Settings:
     offline_writes: str = "refuse"
     cache_max_size: int | None = None  # bytes the cache may hold (None: no limit)
     cache_min_free: Space = DEFAULT_CACHE_MIN_FREE  # the cache evicts to keep this much free
+    # read-ahead requested from S3 and not yet arrived, across all open files (budget.py)
+    read_ahead_memory: int = DEFAULT_READ_AHEAD_MEMORY
     # seconds a metadata request waits for S3's answer; the other waits scale with it
     # (store.Timeouts): connecting 0.4x, between two reads of a download 2x, an upload 6x
     timeout: float = DEFAULT_TIMEOUT
@@ -203,6 +206,13 @@ def _max_size(v: str) -> int | None:
     return parse_size(v)
 
 
+def _read_ahead_memory(v: str) -> int:
+    n = parse_size(v)
+    if not 1 << 20 <= n <= 64 << 30:
+        raise ValueError("must be between 1M and 64G")
+    return n
+
+
 def _min_free(v: str) -> Space:
     text = v.strip()
     if text.endswith("%"):
@@ -259,6 +269,7 @@ _SPECS: dict[str, tuple[Callable[[str], Any], str]] = {
     "offline_writes": (_parse_offline_writes, "S3STASHFS_OFFLINE_WRITES"),
     "cache_max_size": (_max_size, "S3STASHFS_CACHE_MAX_SIZE"),
     "cache_min_free": (_min_free, "S3STASHFS_CACHE_MIN_FREE"),
+    "read_ahead_memory": (_read_ahead_memory, "S3STASHFS_READ_AHEAD_MEMORY"),
     "timeout": (_parse_timeout, "S3STASHFS_TIMEOUT"),
     "no_sign_request": (_parse_bool, "S3STASHFS_NO_SIGN_REQUEST"),
     "requester_pays": (_parse_bool, "S3STASHFS_REQUESTER_PAYS"),

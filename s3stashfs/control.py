@@ -147,6 +147,7 @@ class ControlServer:
             "offline_writes": m.settings.offline_writes,
             "read_only": m.settings.read_only,
             "cache": cache.usage(),
+            "read_ahead": m.fetcher.budget.status(),
             "pending": [] if m.settings.read_only else m.uploader.pending(),
             "conflicts": cache.catalog.events("conflict", limit=100),
             "errors": cache.catalog.events("error", limit=20),

@@ -24,8 +24,10 @@ import os
 import trio
 
 from . import crashpoints
+from .budget import ReadAheadBudget, Reader
 from .cache import (BLOCK_SIZE, SUMS_SUFFIX, Cache, CachedObject, Fetch, check_reserve, is_index,
                     write_sums)
+from .config import DEFAULT_READ_AHEAD_MEMORY
 from .errors import Changed, Damaged, NoSpace, S3StashError, Unreachable
 from .store import Store
 from .verify import Verifier
@@ -44,13 +46,14 @@ DISK_AHEAD = 16 << 20  # how far ahead a sequential reader has the cache file re
 REFETCHES = 2  # times a read fetches blocks again that failed their check before it gives up
 
 
-class ReadState:
+class ReadState(Reader):
     """Per open file: where the last read ended, how long the sequential run is, and how far
-    ahead of it fetches were started."""
+    ahead of it fetches were started; and, as a ``budget.Reader``, the read-ahead it holds."""
 
     __slots__ = ("next_off", "streak", "ahead_upto", "disk_upto")
 
     def __init__(self):
+        super().__init__()
         self.next_off = -1  # where the previous read ended; -1 before the first read
         self.streak = 0  # bytes read sequentially in the current run
         self.ahead_upto = 0  # block up to which read-ahead has been issued
@@ -82,9 +85,13 @@ class ReadState:
 
 
 class Fetcher:
-    def __init__(self, store: Store, cache: Cache):
+    def __init__(self, store: Store, cache: Cache, budget: ReadAheadBudget | None = None):
         self.store = store
         self.cache = cache
+        self.budget = budget or ReadAheadBudget(DEFAULT_READ_AHEAD_MEMORY)
+        # read-ahead fetch -> [its reader, the grant it still holds, the first block it holds
+        # it for]: given back as those blocks land
+        self._held: dict[Fetch, list] = {}
         self.nursery: trio.Nursery | None = None  # set by the mount: fetches outlive requests
         self._busy: set[CachedObject] = set()  # objects with fetches under way
         self.verifier = Verifier(store, cache)
@@ -170,10 +177,11 @@ class Fetcher:
     # ------------------------------------------------------------ scheduling
     def _schedule(self, obj: CachedObject, state: ReadState, sequential: bool, b0: int,
                   b1: int) -> list[Fetch]:
-        """Fetch what this read needs, plus read-ahead when the reading is sequential."""
+        """Fetch what this read needs, plus read-ahead when the reading is sequential: the
+        reader's window, cut to its share of the budget and to what the budget has free."""
         if not sequential:  # random access: only the blocks touched
             return self._ensure(obj, b0, b1)
-        window = state.window
+        window = min(state.window, self.budget.share(state)) if state.window else 0
         if not window:
             return self._ensure(obj, b0, b1)
         target = min(b1 + window // BLOCK_SIZE, obj.nblocks)
@@ -181,15 +189,33 @@ class Fetcher:
         chunk = max(1, min(CHUNK, window) // BLOCK_SIZE)
         # a new batch once a whole chunk of the window is free, so that GETs stay large
         if start < b1 or target - start >= chunk or (target == obj.nblocks and start < target):
-            fetches = self._ensure(obj, b0, target, chunk=chunk)
-            state.ahead_upto = target
+            ahead = max(start, b1)
+            new = self._unfetched(obj, ahead, target)
+            granted = self.budget.grant(state, len(new) * BLOCK_SIZE)
+            if granted < len(new) * BLOCK_SIZE:  # as far as the grant goes
+                target = new[granted // BLOCK_SIZE]
+            started: list[Fetch] = []
+            fetches = self._ensure(obj, b0, target, chunk=chunk, started=started)
+            state.ahead_upto = max(state.ahead_upto, target)
+            for f in started:  # each fetch of read-ahead holds its part of the grant
+                n = min(granted, max(0, f.end - max(f.start, b1)) * BLOCK_SIZE)
+                if n:
+                    self._held[f] = [state, n, max(f.start, b1)]
+                    granted -= n
+            self.budget.give_back(state, granted)  # blocks found present or in flight meanwhile
             return fetches
         return self._ensure(obj, b0, b1)
 
+    @staticmethod
+    def _unfetched(obj: CachedObject, start: int, end: int) -> list[int]:
+        """The blocks of [start, end) neither present nor being fetched, in order."""
+        return [blk for s, e in obj.present.missing(start, end) for blk in range(s, e)
+                if blk not in obj.inflight]
+
     def _ensure(self, obj: CachedObject, start: int, end: int, whole: bool = False,
-                chunk: int | None = None) -> list[Fetch]:
+                chunk: int | None = None, started: list[Fetch] | None = None) -> list[Fetch]:
         """Make sure every block of [start, end) is present or being fetched; return the
-        fetches covering the missing ones."""
+        fetches covering the missing ones (the new ones also in ``started``)."""
         fetches: list[Fetch] = []
         for gap_start, gap_end in obj.present.missing(start, end):
             run_start = None
@@ -197,7 +223,10 @@ class Fetcher:
                 f = obj.inflight.get(blk) if blk < gap_end else None
                 if f is not None or blk == gap_end:
                     if run_start is not None:
-                        fetches += self._start(obj, run_start, blk, whole, chunk)
+                        new = self._start(obj, run_start, blk, whole, chunk)
+                        fetches += new
+                        if started is not None:
+                            started += new
                         run_start = None
                     if f is not None and (not fetches or fetches[-1] is not f):
                         fetches.append(f)
@@ -252,6 +281,9 @@ class Fetcher:
                 log.error("fetch of s3://%s/%s failed", obj.bucket, obj.key, exc_info=True)
         finally:
             f.done = True
+            held = self._held.pop(f, None)
+            if held is not None:
+                self.budget.give_back(held[0], held[1])
             for blk in range(f.start, f.end):
                 if obj.inflight.get(blk) is f:
                     del obj.inflight[blk]
@@ -339,6 +371,12 @@ class Fetcher:
     def _arrived(self, obj: CachedObject, f: Fetch, marked: list[int], pos: int) -> None:
         upto = obj.nblocks if pos >= obj.size else pos // BLOCK_SIZE
         upto = min(upto, f.end)
+        held = self._held.get(f)
+        if held is not None and upto > held[2]:  # read-ahead landed: its grant is free again
+            n = min(held[1], (upto - held[2]) * BLOCK_SIZE)
+            held[1] -= n
+            held[2] = upto
+            self.budget.give_back(held[0], n)
         if upto > marked[0]:
             obj.mark(marked[0], upto)
             marked[0] = upto

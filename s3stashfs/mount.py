@@ -15,6 +15,7 @@ import trio
 
 from . import crashpoints
 from .archive import Archives
+from .budget import ReadAheadBudget
 from .cache import Cache
 from .config import Settings
 from .control import ControlServer
@@ -90,7 +91,7 @@ class Mount:
         queue = settings.offline_writes == "queue"
         self.ns = Namespace(self.store, self.cache, self.inodes, settings.metadata_ttl,
                             settings.buckets, queue_offline=queue)
-        self.fetcher = Fetcher(self.store, self.cache)
+        self.fetcher = Fetcher(self.store, self.cache, ReadAheadBudget(settings.read_ahead_memory))
         self.uploader = Uploader(self.store, self.cache, settings.multipart_threshold_mb << 20,
                                  settings.part_size_mb << 20, settings.local_only,
                                  settings.offline_writes)
@@ -155,6 +156,7 @@ class Mount:
         if ino != ROOT_INODE:
             raise MountError(f"the mount at {self.mountpoint} does not answer (inode {ino})")
         raise_read_ahead(self.mountpoint)
+        raise_background(self.mountpoint)
         log.info("mounted %s (pid %d)", self.mountpoint, os.getpid())
         notify_systemd("READY=1")
         on_ready()
@@ -204,6 +206,29 @@ def raise_read_ahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
         path.write_text(f"{kb}\n")
     except OSError as e:
         log.debug("kernel read-ahead left at its default (%s: %s)", path, e.strerror)
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+MAX_BACKGROUND = 64  # the kernel's default is 12: see raise_background
+
+
+def raise_background(mountpoint: Path, n: int = MAX_BACKGROUND, fusectl: Path = FUSECTL) -> None:
+    """Let the kernel send more than 12 reads of the page cache (its read-ahead) at once: it
+    counts them against the connection's ``max_background``, which libfuse leaves at the
+    kernel's 12 and pyfuse3 gives no way to raise at INIT, so 32 programs reading 32 large files
+    had only 12 reads, and so 12 GETs, in flight. fusectl (mounted by systemd on most systems)
+    can change it; only root may. Elsewhere the default stays. (The device comes from
+    mountinfo: a stat of the mount from this thread would wait for this thread to answer it.)"""
+    _, dev = mounted_points().get(str(mountpoint), ("", ""))
+    major, _, minor = dev.partition(":")
+    if not (major.isdigit() and minor.isdigit()):
+        return
+    conn = fusectl / str((int(major) << 20) | int(minor))
+    try:
+        (conn / "max_background").write_text(f"{n}\n")
+        (conn / "congestion_threshold").write_text(f"{n * 3 // 4}\n")
+    except OSError as e:
+        log.debug("FUSE max_background left at the kernel's default (%s: %s)", conn, e.strerror)
 
 
 def serve(settings: Settings, mountpoint: Path, on_ready=lambda: None) -> None:

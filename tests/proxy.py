@@ -158,6 +158,10 @@ class TcpProxy:
                 except OSError:
                     _reset(client)
                     continue
+                # an answer's head and body go out in two sends: without this, Nagle holds the
+                # body until the head is acknowledged, and the peer delays that ACK (40 ms)
+                for s in (client, upstream):
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with self._lock:
                     self._conns.append((client, upstream))
                 threading.Thread(target=self._pump, args=(client, upstream), daemon=True,
@@ -354,6 +358,14 @@ def _framing(headers: dict[str, str], bodiless: bool) -> tuple[str, int]:
     return "close", 0
 
 
+def kind_of(method: str, path: str) -> str:
+    """GET, HEAD, PUT... of a request, or LIST for a GET of a bucket's listing."""
+    url = urllib.parse.urlsplit(path)
+    if method == "GET" and (url.path.rstrip("/").count("/") <= 1 or "list-type=" in url.query):
+        return "LIST"
+    return method
+
+
 class HttpProxy(TcpProxy):
     """``TcpProxy`` whose ``pass`` mode speaks HTTP/1.1, to inject ``Fault``s per request.
 
@@ -369,7 +381,13 @@ class HttpProxy(TcpProxy):
     ``regions`` (bucket -> region) makes it act as AWS does for a bucket in another region: a
     path-style request signed (SigV4 ``Credential`` scope) for another region is answered
     ``301 PermanentRedirect`` (HEAD, no body) or ``400 AuthorizationHeaderMalformed`` naming
-    the region (``<Region>``), both with ``x-amz-bucket-region``; ``redirected`` counts them."""
+    the region (``<Region>``), both with ``x-amz-bucket-region``; ``redirected`` counts them.
+
+    ``delay`` (seconds) holds each request that long before it goes upstream, as a distant S3
+    would (each connection has its own thread, so requests are delayed side by side).
+    ``in_flight`` counts the requests between their head arriving and their answer sent, by
+    kind (``kind_of``: GET, HEAD, LIST, PUT...) and in all ("all"); ``peak`` is the most seen
+    at once of each since ``reset_peak()``."""
 
     def __init__(self, upstream_host: str, upstream_port: int, host: str = "127.0.0.1",
                  seed: int = 0):
@@ -381,8 +399,26 @@ class HttpProxy(TcpProxy):
         self.on_answer: Callable[[str, str, bytes], bytes] | None = None
         self.regions: dict[str, str] = {}
         self.redirected = 0
+        self.delay = 0.0
+        self.in_flight: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
         self._rng = random.Random(seed)
         super().__init__(upstream_host, upstream_port, host)
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak = dict(self.in_flight)
+
+    def _begin(self, kind: str) -> None:
+        with self._lock:
+            for k in (kind, "all"):
+                n = self.in_flight[k] = self.in_flight.get(k, 0) + 1
+                self.peak[k] = max(self.peak.get(k, 0), n)
+
+    def _end(self, kind: str) -> None:
+        with self._lock:
+            for k in (kind, "all"):
+                self.in_flight[k] -= 1
 
     def inject(self, fault: Fault | None = None, **kwargs) -> Fault:
         """Add ``fault`` (or ``Fault(**kwargs)``); returns it, to read its ``injected``."""
@@ -601,6 +637,16 @@ class _Link:
             return False
         method, path = head.split(b" ", 2)[:2]
         method, path = method.decode("latin-1"), path.decode("latin-1")
+        kind = kind_of(method, path)
+        self.p._begin(kind)
+        try:
+            if self.p.delay:
+                time.sleep(self.p.delay)
+            return self._exchange(head, method, path)
+        finally:
+            self.p._end(kind)
+
+    def _exchange(self, head: bytes, method: str, path: str) -> bool:
         req = _headers(head)
         req_framing = _framing(req, bodiless=False)
         if req_framing[0] == "close":

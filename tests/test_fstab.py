@@ -46,6 +46,7 @@ SAMPLES = {
     "offline_writes": ("offline_writes=queue", "queue"),
     "cache_max_size": ("cache_max_size=20G", 20 << 30),
     "cache_min_free": ("cache_min_free=10%", Space(percent=10.0)),
+    "read_ahead_memory": ("read_ahead_memory=256M", 256 << 20),
     "timeout": ("timeout=12.5", 12.5),
     "no_sign_request": ("no_sign_request", True),
     "requester_pays": ("requester_pays", True),

@@ -27,13 +27,23 @@ from .types import Timeouts, _parse_timestamp
 
 log = logging.getLogger(__name__)
 
+# Worker threads, and so requests in flight, of each kind. S3 serves thousands of GETs a second
+# per prefix, each waiting tens of milliseconds for its first byte: many processes reading
+# different files need as many requests in flight as they have reads waiting (32 processes, 32
+# GETs), which 12 data threads cut to 12. A thread waiting on a socket costs no CPU and little
+# memory (its stack is touched only as deep as it goes); the buffers of ranged GETs are bounded by
+# the read-ahead budget (budget.py), not by these numbers.
+DATA_THREADS = 64  # GETs of bytes, PUTs and parts
+META_THREADS = 32  # HEAD, LIST and the other calls of few bytes: never queued behind data
+
 class Client(RetryMixin):
     """boto3 clients shared by all worker threads (clients are thread-safe), one for each kind
     of call because a client has one read timeout (see ``Timeouts``): ``meta``, ``data`` (GETs
     that the direct path leaves to botocore) and ``write``; and a direct path for GET and HEAD
     of keys (see ``_Direct``)."""
 
-    def __init__(self, settings, data_threads: int = 12, meta_threads: int = 8):
+    def __init__(self, settings, data_threads: int = DATA_THREADS,
+                 meta_threads: int = META_THREADS):
         for k, v in settings.aws_env:
             os.environ.setdefault(k, v)
         style = settings.addressing_style
