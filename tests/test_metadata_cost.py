@@ -298,11 +298,11 @@ def test_tree_walked_again_within_the_ttl_is_not_listed_again(counted, s3, bucke
 class SlowListProxy(HttpProxy):
     """Delays each LIST by ``delay`` seconds, so that a walk outlasts the TTL."""
 
-    delay = 0.06
+    list_delay = 0.06
 
     def _choose(self, method, path, headers):
         if method == "GET" and "list-type=" in path:
-            time.sleep(self.delay)
+            time.sleep(self.list_delay)
         return super()._choose(method, path, headers)
 
 
