@@ -84,14 +84,22 @@ class ReadState(Reader):
         return min(MAX_WINDOW, max(FIRST_WINDOW, 2 * self.streak))
 
 
+class _Grant:
+    """The part of the budget a read-ahead fetch still holds: ``left`` bytes, for its blocks
+    from ``first`` on; given back to ``reader``'s count as those blocks land."""
+
+    __slots__ = ("reader", "left", "first")
+
+    def __init__(self, reader: Reader, left: int, first: int):
+        self.reader, self.left, self.first = reader, left, first
+
+
 class Fetcher:
     def __init__(self, store: Store, cache: Cache, budget: ReadAheadBudget | None = None):
         self.store = store
         self.cache = cache
         self.budget = budget or ReadAheadBudget(DEFAULT_READ_AHEAD_MEMORY)
-        # read-ahead fetch -> [its reader, the grant it still holds, the first block it holds
-        # it for]: given back as those blocks land
-        self._held: dict[Fetch, list] = {}
+        self._held: dict[Fetch, _Grant] = {}  # read-ahead fetch -> the budget it holds
         self.nursery: trio.Nursery | None = None  # set by the mount: fetches outlive requests
         self._busy: set[CachedObject] = set()  # objects with fetches under way
         self.verifier = Verifier(store, cache)
@@ -132,19 +140,19 @@ class Fetcher:
         end = min(off + size, obj.size)
         b0, b1 = off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1
         sequential = state.note(off, end)
-        fetched = not obj.present.covers(b0, b1)
+        missing = not obj.present.covers(b0, b1)  # so waited for a fetch: in memory after
         try:
             if self.wants_whole(obj):
-                if fetched:
+                if missing:
                     await self._wait(obj, b0, b1, self._ensure(obj, 0, obj.nblocks, whole=True))
             else:
                 fetches = self._schedule(obj, state, sequential, b0, b1)
-                if fetched:
+                if missing:
                     await self._wait(obj, b0, b1, fetches)
         except Unreachable:
             self._raise_if_damaged(obj, b0, b1)
             raise
-        if sequential and not fetched and end + DISK_AHEAD // 2 > state.disk_upto:
+        if sequential and not missing and end + DISK_AHEAD // 2 > state.disk_upto:
             # A sequential reader of cached bytes: have the kernel read the cache file ahead,
             # so that our pread finds them in memory instead of waiting for the disk. (Bytes
             # just fetched are in memory already: the advice would cost a system call each.)
@@ -200,7 +208,7 @@ class Fetcher:
             for f in started:  # each fetch of read-ahead holds its part of the grant
                 n = min(granted, max(0, f.end - max(f.start, b1)) * BLOCK_SIZE)
                 if n:
-                    self._held[f] = [state, n, max(f.start, b1)]
+                    self._held[f] = _Grant(state, n, max(f.start, b1))
                     granted -= n
             self.budget.give_back(state, granted)  # blocks found present or in flight meanwhile
             return fetches
@@ -283,7 +291,7 @@ class Fetcher:
             f.done = True
             held = self._held.pop(f, None)
             if held is not None:
-                self.budget.give_back(held[0], held[1])
+                self.budget.give_back(held.reader, held.left)
             for blk in range(f.start, f.end):
                 if obj.inflight.get(blk) is f:
                     del obj.inflight[blk]
@@ -372,11 +380,11 @@ class Fetcher:
         upto = obj.nblocks if pos >= obj.size else pos // BLOCK_SIZE
         upto = min(upto, f.end)
         held = self._held.get(f)
-        if held is not None and upto > held[2]:  # read-ahead landed: its grant is free again
-            n = min(held[1], (upto - held[2]) * BLOCK_SIZE)
-            held[1] -= n
-            held[2] = upto
-            self.budget.give_back(held[0], n)
+        if held is not None and upto > held.first:  # read-ahead landed: its grant is free again
+            n = min(held.left, (upto - held.first) * BLOCK_SIZE)
+            held.left -= n
+            held.first = upto
+            self.budget.give_back(held.reader, n)
         if upto > marked[0]:
             obj.mark(marked[0], upto)
             marked[0] = upto
