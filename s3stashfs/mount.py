@@ -2,6 +2,7 @@
 readiness (to the parent process and to systemd), and a clean unmount."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import ctypes
@@ -34,6 +35,22 @@ log = logging.getLogger(__name__)
 _QUIET_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer")  # they can log request headers
 
 
+class _GoneReplyFilter(logging.Filter):
+    """pyfuse3 logs an ERROR when the kernel refuses a reply. ENOENT there means the kernel no
+    longer waits for that request: its caller was interrupted, or the connection was aborted
+    at unmount (a RELEASE still queued then). Nothing is lost either way (the operation itself
+    ran), so that case is logged at DEBUG; any other refusal stays an ERROR."""
+
+    _GONE = os.strerror(errno.ENOENT)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if ("fuse_reply_* failed" in str(record.msg) and record.args
+                and record.args[-1] == self._GONE):  # type: ignore[index]
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def setup_logging(settings: Settings) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -49,6 +66,11 @@ def setup_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    pyfuse3_log = logging.getLogger("pyfuse3")
+    for f in list(pyfuse3_log.filters):
+        if isinstance(f, _GoneReplyFilter):
+            pyfuse3_log.removeFilter(f)
+    pyfuse3_log.addFilter(_GoneReplyFilter())
 
 
 def check_fuse() -> None:

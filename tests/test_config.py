@@ -106,3 +106,35 @@ def test_timeout_flag_reaches_the_settings(tmp_path, monkeypatch):
     assert s.timeout == 12.5
     assert cli._settings_env(s)["S3STASHFS_TIMEOUT"] == "12.5"  # handed on to the daemon
     assert load(tmp_path).timeout == config.DEFAULT_TIMEOUT == 5.0
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_a_reply_the_kernel_no_longer_waits_for_is_not_an_error(tmp_path, level):
+    """pyfuse3 logs an ERROR when the kernel refuses a reply; ENOENT (the request was
+    interrupted, or aborted at unmount) is harmless and goes to DEBUG. Other refusals stay."""
+    import logging
+    from s3stashfs import mount as mount_mod
+    log_file = tmp_path / "daemon.log"
+    settings = load(tmp_path, flags={"log_file": str(log_file), "log_level": level})
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        mount_mod.setup_logging(settings)
+        mount_mod.setup_logging(settings)  # a second setup leaves one filter, not two
+        pyfuse3_log = logging.getLogger("pyfuse3")
+        assert sum(isinstance(f, mount_mod._GoneReplyFilter) for f in pyfuse3_log.filters) == 1
+        pyfuse3_log.error("fuse_release(): fuse_reply_* failed with %s", "No such file or directory")
+        pyfuse3_log.error("fuse_read(): fuse_reply_* failed with %s", "Invalid argument")
+        for h in root.handlers:
+            h.flush()
+        text = log_file.read_text()
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+            h.close()
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+    assert "ERROR pyfuse3: fuse_read(): fuse_reply_* failed with Invalid argument" in text
+    assert "ERROR pyfuse3: fuse_release()" not in text
+    assert ("DEBUG pyfuse3: fuse_release(): fuse_reply_* failed with No such file" in text) == (level == "DEBUG")
