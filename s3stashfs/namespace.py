@@ -22,8 +22,8 @@ import time
 import trio
 
 from .cache import Cache
-from .errors import (CredentialsFailed, Denied, InvalidName, NotADirectory, NotEmpty, NotFound, Unreachable,
-                     first_error)
+from .errors import (CredentialsFailed, Denied, InvalidName, NotADirectory, NotEmpty, NotFound, S3StashError,
+                     Unreachable, first_error)
 from .inodes import InodeTable, Kind, Node
 from .store import ListPage, ObjectInfo, Store
 
@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 NAME_MAX = 255
 PAGE = 1000  # keys in a ListObjectsV2 page: S3's most
+ADOPT_PAGES = 10  # a lookup's LIST of a directory goes on to list it whole up to this many pages
+
+
+class _TooBig(Exception):
+    """A directory's listing would take more pages than allowed."""
 
 
 def valid_name(name: str) -> bool:
@@ -191,7 +196,8 @@ class Namespace:
             if info is not None:
                 self._log_once(parent.bucket, key, "both an object and a prefix: shown as a directory")
             node = self.inodes.child(parent, name, Kind.DIR, parent.bucket, key + "/")
-            if page is not None and page.next_token is None:
+            if page is not None and (page.next_token is None
+                                     or len(page.keys) + len(page.prefixes) >= PAGE):
                 await self._adopt(node, page, asked)
             return node
         if info is None:
@@ -223,14 +229,27 @@ class Namespace:
                 and (bool(listing.children) or listing.marker is not None))
 
     async def _adopt(self, node: Node, page: ListPage, asked: float) -> None:
-        """A lookup's LIST (sent at ``asked``) that holds the whole directory is its listing,
-        unless a listdir of it is under way or ended since: theirs is as new or newer."""
+        """A lookup's LIST (sent at ``asked``) becomes the directory's listing, unless a listdir
+        of it is under way or ended since: theirs is as new or newer. A first page that is not
+        all of it is followed by the next ones, up to ADOPT_PAGES in all: the programs that look
+        a directory up usually go on to open names in it, and each name a listing does not
+        answer costs a HEAD and a LIST (and the kernel sends the lookups of one directory one at
+        a time). A larger directory is left to ``listdir``; a page that fails leaves it too."""
         lock = self._listing_locks.setdefault(node.ino, trio.Lock())
         if lock.locked() or (node.listing is not None and node.listing_at > asked):
             return
         async with lock:
             marker: list[str] = []
-            children = await self._list_prefix(node, marker, first=page)
+            try:
+                children = await self._list_prefix(node, marker, first=page,
+                                                   max_pages=ADOPT_PAGES)
+            except _TooBig:
+                return
+            except S3StashError as e:
+                if page.next_token is None:
+                    raise
+                log.debug("s3://%s/%s: listing after a lookup stopped: %s", node.bucket, node.key, e)
+                return
             node.listing = Listing(children, from_s3=True, marker=marker[0] if marker else None)
             node.listing_at = time.monotonic()
 
@@ -313,17 +332,21 @@ class Namespace:
         names = self.buckets or await self.store.list_buckets()
         return {n.encode(): self.inodes.child(node, n.encode(), Kind.BUCKET, n, "") for n in names}
 
-    async def _list_prefix(self, node: Node, marker: list[str],
-                           first: ListPage | None = None) -> dict[bytes, Node]:
+    async def _list_prefix(self, node: Node, marker: list[str], first: ListPage | None = None,
+                           max_pages: int | None = None) -> dict[bytes, Node]:
         """The directory's children, from S3's listing (which starts with ``first``, when a
         lookup already has its first page); the ETag of its own marker object, if any, is
-        appended to ``marker``."""
+        appended to ``marker``. _TooBig when it takes more than ``max_pages`` pages."""
         bucket, prefix = node.bucket, node.key
         dirs: dict[str, None] = {}
         files: dict[str, ObjectInfo] = {}
         deleted = self.cache.pending_keys("delete")  # queued while offline, not applied yet
         token = None
+        pages = 0
         while True:
+            pages += 1
+            if max_pages is not None and pages > max_pages:
+                raise _TooBig
             page = first if first is not None else await self.store.list_page(bucket, prefix, token)
             first = None
             for p in page.prefixes:

@@ -436,6 +436,7 @@ def libfuse_version() -> tuple[int, ...]:
     return tuple(int(x) for x in lib.fuse_pkgversion().decode().split(".")[:2])
 
 
+@pytest.mark.slow  # 10,007 keys to put into moto: about a minute
 def test_lookups_in_one_directory_run_side_by_side(mount, s3, bucket, s3_proxy, request):
     """N lookups at once in one directory, each held most of a second by S3 (the LIST of the
     lookup trickled), should run side by side, but the kernel sends them one after another
@@ -443,14 +444,14 @@ def test_lookups_in_one_directory_run_side_by_side(mount, s3, bucket, s3_proxy, 
     to, but does not pass the flag on: libfuse commit c9905341, "Pass FUSE_PARALLEL_DIROPS to
     kernel"; the kernel then holds a lock of the directory across each lookup, and the waiting
     programs' kernel wait is fuse_lock_inode). Names a fresh listing shows cost no request, so
-    this bites only where lookups ask S3: here, names past the first page (1,000 keys) of a
-    directory the lookup of which could not list it whole."""
+    this bites only where lookups ask S3: here, names in a directory too large (over 10 pages
+    of 1,000 keys) for its lookup to list it whole."""
     n = 6
-    keys = [*[f"one/a{i:04d}" for i in range(1001)], "one/y", *[f"one/z{i}" for i in range(n)]]
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    keys = [*[f"one/a{i:05d}" for i in range(10001)], "one/y", *[f"one/z{i}" for i in range(n)]]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
         list(pool.map(lambda key: s3.put_object(Bucket=bucket, Key=key, Body=b"x"), keys))
     m = mount(bucket=bucket, endpoint_url=s3_proxy.url, extra_args=["--metadata-ttl", "60"])
-    os.stat(m.path / "one")  # known to the kernel; its first page of 1,000 keys only seen
+    os.stat(m.path / "one")  # known to the kernel; 10 pages of its listing seen, not all
     s3_proxy.inject(Fault("trickle", piece=32, pause=0.08,
                           when=lambda method, path, headers: method == "GET" and "list-type=" in path))
 
