@@ -141,7 +141,7 @@ class Mount:
         clean = False
         try:
             async with trio.open_nursery() as nursery:
-                self.fetcher.nursery = nursery
+                self.fetcher.nursery = self.ns.nursery = nursery
                 await nursery.start(self.cache.run)
                 await nursery.start(self.store.connectivity.run,
                                     lambda: self.store.probe(self.settings.bucket))

@@ -87,6 +87,8 @@ class Namespace:
         self._negative: dict[tuple[int, bytes], float] = {}
         self._logged: set[tuple[str, str]] = set()
         self._listing_locks: dict[int, trio.Lock] = {}
+        self.nursery: trio.Nursery | None = None  # the mount's, for listings that go on
+        self._too_big: set[int] = set()  # directories over ADOPT_PAGES pages, seen so
 
     @property
     def _offline(self) -> bool:
@@ -196,9 +198,10 @@ class Namespace:
             if info is not None:
                 self._log_once(parent.bucket, key, "both an object and a prefix: shown as a directory")
             node = self.inodes.child(parent, name, Kind.DIR, parent.bucket, key + "/")
-            if page is not None and (page.next_token is None
-                                     or len(page.keys) + len(page.prefixes) >= PAGE):
+            if page is not None and page.next_token is None:
                 await self._adopt(node, page, asked)
+            elif page is not None and len(page.keys) + len(page.prefixes) >= PAGE:
+                self._adopt_later(node, page, asked)
             return node
         if info is None:
             return None
@@ -209,7 +212,8 @@ class Namespace:
     async def _list_dir(self, bucket: str, prefix: str, seen: Node | None) -> ListPage:
         """The first page of a directory's listing: what shows it is one, and all of it
         when it is small. One key is enough for a directory last seen with a page or more."""
-        big = seen is not None and seen.listing is not None and len(seen.listing.children) >= PAGE
+        big = seen is not None and (seen.ino in self._too_big or (
+            seen.listing is not None and len(seen.listing.children) >= PAGE))
         return await self.store.list_page(bucket, prefix, max_keys=1 if big else PAGE)
 
     def _is_dir(self, bucket: str, prefix: str, page: ListPage | None,
@@ -228,6 +232,21 @@ class Namespace:
         return (listing is not None and listing.from_s3 and self._fresh(node.listing_at)
                 and (bool(listing.children) or listing.marker is not None))
 
+    def _adopt_later(self, node: Node, page: ListPage, asked: float) -> None:
+        """The rest of a large directory's listing, fetched without holding up the lookup that
+        brought its first page (a ``stat`` of a directory of 10,000 keys still costs one LIST
+        of waiting); lookups of its names meanwhile ask S3 as before, and a ``readdir`` waits
+        for this listing instead of making its own."""
+        if self.nursery is None or node.ino in self._too_big:
+            return
+
+        async def adopt() -> None:
+            try:
+                await self._adopt(node, page, asked)
+            except Exception:  # a bug here must not end the mount: the lookup is answered
+                log.exception("s3://%s/%s: listing after a lookup failed", node.bucket, node.key)
+        self.nursery.start_soon(adopt)
+
     async def _adopt(self, node: Node, page: ListPage, asked: float) -> None:
         """A lookup's LIST (sent at ``asked``) becomes the directory's listing, unless a listdir
         of it is under way or ended since: theirs is as new or newer. A first page that is not
@@ -244,6 +263,7 @@ class Namespace:
                 children = await self._list_prefix(node, marker, first=page,
                                                    max_pages=ADOPT_PAGES)
             except _TooBig:
+                self._too_big.add(node.ino)  # the next lookups ask for one key, not ten pages
                 return
             except S3StashError as e:
                 if page.next_token is None:
@@ -326,6 +346,8 @@ class Namespace:
                 node.listing = Listing(children, from_s3=True,
                                        marker=marker[0] if marker else None)
                 node.listing_at = time.monotonic()
+                if len(children) < ADOPT_PAGES * PAGE:
+                    self._too_big.discard(node.ino)
         return list(node.listing.children.values())
 
     async def _list_buckets(self, node: Node) -> dict[bytes, Node]:

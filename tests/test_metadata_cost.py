@@ -195,6 +195,24 @@ def test_stat_of_a_listed_directory_after_the_ttl_is_one_list_that_readdir_reuse
     assert names == ["deeper", "x", "y"]
 
 
+def test_lookup_of_a_directory_of_a_few_pages_lists_it_all_for_the_names_opened_next(
+        counted, opened, s3, bucket):
+    """The lookup of a directory larger than one LIST page answers with the first page and
+    fetches the rest in the background: the names opened in it next, past the first page too,
+    cost no lookup request (programs opening files by name, each a HEAD and a LIST otherwise,
+    which the kernel sends one at a time per directory)."""
+    put_many(s3, bucket, {f"w/k{i:04d}": b"%d" % i for i in range(1500)})
+    m, req = counted(ttl=60)
+    sent = req.during(lambda: os.stat(m.path / "w"))
+    assert sorted(sent) == [("HEAD", "w"), ("LIST", "w/"), ("LIST", "w/")]
+    d = opened(m.path / "w")
+    assert req.during(lambda: [d.stat(f"k{i:04d}") for i in (0, 999, 1000, 1499)]) == []
+    data: list[bytes] = []
+    assert req.during(lambda: data.append(d.read("k1234"))) == [("GET", "w/k1234")]
+    assert data == [b"1234"]
+    assert req.during(lambda: d.missing("k1500")) == []  # the listing says it is not there
+
+
 def test_missing_name_costs_nothing_within_the_ttl_and_head_and_list_after(counted, opened, s3,
                                                                            bucket):
     """A name the fresh listing does not show: no request. After the TTL: a HEAD and a LIST
