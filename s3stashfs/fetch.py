@@ -42,6 +42,7 @@ FIRST_WINDOW = 1 << 20
 MAX_WINDOW = 64 << 20
 SEQ_SLACK_MIN = 128 << 10  # how near the run's end a read must be to continue it...
 SEQ_SLACK_MAX = 8 << 20  # ...plus up to this much as the run grows (requests overtake)
+TELL_EVERY = 1 << 20  # bytes of a ranged GET between wake-ups of the readers waiting on it
 DISK_AHEAD = 16 << 20  # how far ahead a sequential reader has the cache file read from disk
 REFETCHES = 2  # times a read fetches blocks again that failed their check before it gives up
 
@@ -354,6 +355,7 @@ class Fetcher:
             sums_fd = self.cache.ensure_sums(obj)
             nblocks = obj.nblocks
             summed = [start]
+            told = [start * BLOCK_SIZE]
 
             def progress(pos: int, piece: bytes) -> None:  # in the worker thread: sum, hand
                 crashpoints.hit("fetch.piece_written")  # over, do not wait
@@ -363,7 +365,9 @@ class Fetcher:
                     write_sums(fd, sums_fd, size, summed[0], upto, piece, pos - len(piece))
                     summed[0] = upto
                 crashpoints.hit("fetch.piece_summed")
-                token.run_sync_soon(self._arrived, obj, f, marked, pos)
+                if pos - told[0] >= TELL_EVERY:  # the event loop is the busy part: the
+                    told[0] = pos                # readers waiting are woken per MiB
+                    token.run_sync_soon(self._arrived, obj, f, marked, pos)
 
             await self.store.fetch_range(obj.bucket, obj.key, obj.etag, start * BLOCK_SIZE,
                                          min(f.end * BLOCK_SIZE, size), fd, progress)

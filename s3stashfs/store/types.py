@@ -16,7 +16,8 @@ from ..errors import StoreError, first_error
 
 log = logging.getLogger(__name__)
 
-PIECE = 1 << 20  # bytes read from a response body between progress reports
+PIECE = 256 << 10  # bytes read from a response body between progress reports: each reading
+# thread holds about twice this (http.client's buffer and its copy), and 64 threads may read
 COPY_MAX = 5 << 30  # the largest object CopyObject copies in one request
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 
