@@ -202,7 +202,7 @@ _LIBC = _libc()
 
 def tame_malloc() -> None:
     """glibc only, before any thread starts: at most MALLOC_ARENAS malloc arenas instead of
-    eight per core. Every download piece and upload part is a buffer of 1-8 MiB freed at once;
+    eight per core. Every download piece and upload part is a buffer of 256 KiB-8 MiB freed at once;
     spread over a dozen threads' arenas, the freed memory stayed with the process (the soak's
     daemon held 250-275 MiB under a mixed load, against about 90 MiB with two arenas)."""
     if _LIBC is not None:
